@@ -3,12 +3,14 @@
 The spec is the reference manifest of each official config (every state-dict key and shape the
 official code produces). A copy of the parts we need lives in tests/data/manifests so the test
 runs in a plain clone; when ../shared/reference sits beside the repo the copy is also checked
-against it. Models are built on the meta device: full size, no memory, no weights.
+against it. Models are built full size with every parameter on the meta device: no memory, no
+weights (buffers stay real, since the DDPM schedule is computed from numpy at construction).
 
 Refresh the copy with ``python tests/test_manifests.py --refresh``.
 """
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,10 +76,31 @@ def describe_differences(ours, ref):
     return "\n".join(lines)
 
 
+@contextmanager
+def parameters_on_meta():
+    """Move every parameter to the meta device as it is registered.
+
+    A global ``torch.device("meta")`` would also turn the schedule's numpy round trips into meta
+    tensors, which cannot be read back; parameters alone are what costs memory.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def build_on_meta(config):
     from ldm.util import instantiate_from_config
 
-    with torch.device("meta"):
+    with parameters_on_meta():
         return instantiate_from_config(config.model)
 
 

@@ -1,0 +1,266 @@
+"""One full-size Stable Diffusion 2.x U-Net step on the CPU: seconds, TFLOP/s and peak memory.
+
+    python bench/unet_step.py [--sizes 64 96] [--dtypes fp32 bf16] [--repeats 5]
+                              [--out bench/results/unet_step.json]
+
+The U-Net is built from the `unet_config` of configs/stable-diffusion/v2-inference.yaml with random
+weights (activation checkpointing off: this is inference). One step is one forward at
+classifier-free-guidance batch 2: latents [2, 4, S, S], timesteps [2], context [2, 77, 1024].
+
+Precisions: `fp32`; `bf16` runs two ways, `bf16-autocast` (fp32 weights under CPU autocast) and
+`bf16-weights` (weights and inputs cast to bfloat16). FLOPs are counted once per shape with
+torch.utils.flop_counter.FlopCounterMode. Each (implementation, precision) runs in its own
+process, shapes in ascending order, so its peak RSS is its own: the peak after a shape covers the
+weights plus the largest activations so far.
+
+When `diffusers` is importable, its UNet2DConditionModel with the equivalent configuration runs
+in the same way as a peer (see bench/README.md for installing it without touching the project's
+environment).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
+MODES = {"fp32": ["fp32"], "bf16": ["bf16-autocast", "bf16-weights"]}
+BATCH, CONTEXT_LEN, TIMESTEP = 2, 77, 999
+
+
+def unet_params(config_path, smoke):
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(OmegaConf.load(config_path).model.params.unet_config.params)
+    params["use_checkpoint"] = False
+    if smoke:  # same graph, tiny widths: checks the plumbing in seconds
+        params.update(model_channels=32, num_head_channels=8)
+    return params
+
+
+def build_ours(params):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return UNetModel(**params)
+
+
+def diffusers_kwargs(params):
+    """UNet2DConditionModel arguments equivalent to an official UNetModel configuration."""
+    channels = [params["model_channels"] * m for m in params["channel_mult"]]
+    levels = len(channels)
+    attends = [2 ** level in params["attention_resolutions"] for level in range(levels)]
+    if params.get("num_head_channels", -1) > 0:
+        heads = [ch // params["num_head_channels"] for ch in channels]
+    else:
+        heads = [params["num_heads"]] * levels
+    return dict(
+        sample_size=params["image_size"],
+        in_channels=params["in_channels"],
+        out_channels=params["out_channels"],
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
+        block_out_channels=channels,
+        layers_per_block=params["num_res_blocks"],
+        # diffusers reads this list as the number of heads per level (a known misnomer)
+        attention_head_dim=heads,
+        cross_attention_dim=params["context_dim"],
+        use_linear_projection=params.get("use_linear_in_transformer", False),
+    )
+
+
+def build_diffusers(params):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**diffusers_kwargs(params))
+
+
+def current_rss_gb():
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_step(model, impl, size, mode, context_dim):
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(BATCH, 4, size, size, generator=gen)
+    t = torch.full((BATCH,), TIMESTEP, dtype=torch.long)
+    context = torch.randn(BATCH, CONTEXT_LEN, context_dim, generator=gen)
+    if mode == "bf16-weights":
+        x, context = x.bfloat16(), context.bfloat16()
+    if impl == "diffusers":
+        return lambda: model(x, t, encoder_hidden_states=context).sample
+    return lambda: model(x, t, context=context)
+
+
+def precision_context(mode):
+    if mode == "bf16-autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def count_flops(step, mode):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), precision_context(mode), counter:
+        step()
+    return counter.get_total_flops()
+
+
+def run_worker(args):
+    """Times one (implementation, precision) over every size; prints one JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = unet_params(args.config, args.smoke)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = (build_diffusers if args.impl == "diffusers" else build_ours)(params).eval()
+    if args.mode == "bf16-weights":
+        model = model.to(torch.bfloat16)
+    build_s = time.perf_counter() - t0
+    info = {"impl": args.impl, "mode": args.mode, "build_s": build_s,
+            "params": sum(p.numel() for p in model.parameters()),
+            "model_rss_gb": current_rss_gb(), "threads": torch.get_num_threads(), "rows": []}
+    for size in sorted(args.sizes):
+        step = make_step(model, args.impl, size, args.mode, params["context_dim"])
+        flops = count_flops(step, args.mode) if args.count_flops else None
+        with torch.inference_mode(), precision_context(args.mode):
+            for _ in range(args.warmup):
+                out = step()
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = step()
+                times.append(time.perf_counter() - t0)
+        info["rows"].append({"size": size, "flops": flops, "times_s": times,
+                             "median_s": statistics.median(times), "min_s": min(times),
+                             "out_dtype": str(out.dtype).replace("torch.", ""),
+                             "out_finite": bool(torch.isfinite(out).all()),
+                             "peak_rss_gb": peak_rss_gb()})
+    print(json.dumps(info))
+
+
+def spawn_worker(args, impl, mode, count):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl,
+           "--mode", mode, "--config", str(args.config), "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup), "--sizes", *map(str, args.sizes)]
+    cmd += ["--count-flops"] if count else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--smoke"] if args.smoke else []
+    print(f"... {impl} {mode}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {"impl": impl, "mode": mode, "error": reason, "rows": []}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_info():
+    model_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next(line.split(":", 1)[1].strip() for line in f
+                              if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "python": platform.python_version()}
+
+
+def print_table(results):
+    head = (f"{'impl':<10} {'precision':<14} {'latent':>7} {'s/step':>8} {'min s':>8} "
+            f"{'GFLOP':>8} {'TFLOP/s':>8} {'peak RSS GB':>12}")
+    print(head)
+    print("-" * len(head))
+    for res in results:
+        if res.get("error"):
+            print(f"{res['impl']:<10} {res['mode']:<14} failed: {res['error']}")
+        for row in res["rows"]:
+            gflop = f"{row['flops'] / 1e9:.0f}" if row.get("flops") else "-"
+            tflops = f"{row['tflops']:.3f}" if row.get("tflops") else "-"
+            print(f"{res['impl']:<10} {res['mode']:<14} {row['size']:>4}^2 {row['median_s']:>8.2f} "
+                  f"{row['min_s']:>8.2f} {gflop:>8} {tflops:>8} {row['peak_rss_gb']:>12.2f}")
+
+
+def run_all(args):
+    impls = list(args.impls)
+    notes = []
+    if "diffusers" in impls and importlib.util.find_spec("diffusers") is None:
+        impls.remove("diffusers")
+        notes.append("diffusers is not importable: peer skipped")
+    modes = [mode for dtype in args.dtypes for mode in MODES[dtype]]
+    results = []
+    for impl in impls:
+        flops = {}
+        for i, mode in enumerate(modes):
+            res = spawn_worker(args, impl, mode, count=(i == 0))
+            for row in res["rows"]:
+                flops.setdefault(row["size"], row["flops"])
+                row["flops"] = flops.get(row["size"])
+                row["tflops"] = row["flops"] / row["median_s"] / 1e12 if row["flops"] else None
+            results.append(res)
+    print_table(results)
+    for note in notes:
+        print(f"note: {note}")
+    report = {"what": "one U-Net forward, CFG batch 2, context [2, 77, D], median of repeats "
+                      "after warm-up; FLOPs from FlopCounterMode",
+              "config": str(Path(args.config).resolve().relative_to(REPO))
+              if Path(args.config).resolve().is_relative_to(REPO) else str(args.config),
+              "smoke": args.smoke, "sizes": args.sizes, "repeats": args.repeats,
+              "warmup": args.warmup, "machine": machine_info(), "notes": notes,
+              "results": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    return 1 if any(res.get("error") for res in results) else 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="latent side lengths")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(MODES))
+    p.add_argument("--impls", nargs="+", default=["ours", "diffusers"], choices=["ours", "diffusers"])
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per shape (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--smoke", action="store_true", help="tiny widths, to check the script itself")
+    p.add_argument("--out", default=None, help="JSON output, e.g. bench/results/unet_step.json")
+    # internal: one worker process per (implementation, precision)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or min(args.sizes) < 8 or any(s % 8 for s in args.sizes):
+        p.error("--repeats must be >= 1, --warmup >= 0, and every size a multiple of 8")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    if args.worker:
+        run_worker(args)
+        return 0
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
