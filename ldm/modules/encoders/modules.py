@@ -1,0 +1,21 @@
+"""Conditioning encoders at their official import path (``ldm.modules.encoders.modules.*``).
+
+Each encoder lives in a focused module; this file only gathers them under the names configs use.
+"""
+from ldm.modules.encoders.base import AbstractEncoder, IdentityEncoder, disabled_train
+from ldm.modules.encoders.class_embedder import ClassEmbedder
+from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder
+from ldm.modules.encoders.openclip_text import FrozenOpenCLIPEmbedder
+from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
+from ldm.modules.encoders.trainable_text import CLIPTokenTransformerEmbedder
+
+__all__ = [
+    "AbstractEncoder",
+    "IdentityEncoder",
+    "disabled_train",
+    "ClassEmbedder",
+    "FrozenCLIPEmbedder",
+    "FrozenOpenCLIPEmbedder",
+    "CLIPBPETokenizer",
+    "CLIPTokenTransformerEmbedder",
+]

@@ -1,0 +1,74 @@
+"""A small text encoder trained from scratch together with a small diffusion model."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.errors import UserError
+from ldm.modules.encoders.base import AbstractEncoder, parameter_device
+from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, VOCAB_SIZE, CLIPBPETokenizer
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embed, n_head, causal):
+        super().__init__()
+        if n_embed % n_head:
+            raise UserError(f"n_embed={n_embed} must be divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.causal = causal
+        self.qkv = nn.Linear(n_embed, 3 * n_embed)
+        self.proj = nn.Linear(n_embed, n_embed)
+
+    def forward(self, x):
+        b, length, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x [B, L, D]
+        q, k, v = (t.view(b, length, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D/H]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, H, L, D/H]
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, n_embed, n_head, causal):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embed)
+        self.attn = SelfAttention(n_embed, n_head, causal)
+        self.ln_2 = nn.LayerNorm(n_embed)
+        self.mlp = nn.Sequential(nn.Linear(n_embed, 4 * n_embed), nn.GELU(), nn.Linear(4 * n_embed, n_embed))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIPTokenTransformerEmbedder(AbstractEncoder):
+    """Trainable prompts -> ``[B, max_length, n_embed]`` encoder over CLIP BPE tokens (padded with 49407).
+
+    Token + learned positional embedding, ``n_layer`` pre-LN blocks, final LayerNorm. Attention is
+    bidirectional by default: with no pretrained CLIP to stay compatible with, letting every token see the
+    whole prompt (an adjective sees its noun) is the better use of two small layers, and the fixed pad
+    tokens become extra learned context slots for cross-attention. ``causal=True`` gives CLIP-style masking.
+    """
+
+    def __init__(self, n_embed=128, n_layer=2, n_head=4, max_length=77, vocab_size=VOCAB_SIZE, causal=False):
+        super().__init__()
+        if vocab_size < VOCAB_SIZE:
+            raise UserError(f"vocab_size={vocab_size} is smaller than the CLIP BPE vocabulary ({VOCAB_SIZE})")
+        self.tokenizer = CLIPBPETokenizer(max_length, pad_token_id=EOS_TOKEN_ID)
+        self.max_length = max_length
+        self.token_embedding = nn.Embedding(vocab_size, n_embed)
+        self.positional_embedding = nn.Parameter(torch.empty(max_length, n_embed))
+        self.blocks = nn.ModuleList(Block(n_embed, n_head, causal) for _ in range(n_layer))
+        self.ln_final = nn.LayerNorm(n_embed)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def forward(self, text):
+        tokens = self.tokenizer(text).to(parameter_device(self))
+        x = self.token_embedding(tokens) + self.positional_embedding  # [B, L, D]
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_final(x)
+
+    def encode(self, text):
+        return self(text)
