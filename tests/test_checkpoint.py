@@ -1,0 +1,275 @@
+import hashlib
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm import checkpoint
+from ldm.checkpoint import (file_hash, load_model, load_state_dict_into, read_shapes,
+                            read_state_dict, suggest_config)
+from ldm.errors import UserError
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ reading files
+
+def test_read_wrapped_unwrapped_and_safetensors(tiny_files, tmp_path):
+    torch.save(tiny_files.state_dict, tmp_path / "flat.pth")
+    for path in (tiny_files.ckpt, tiny_files.safetensors, tmp_path / "flat.pth"):
+        assert same(read_state_dict(path), tiny_files.state_dict)
+    shapes = read_shapes(tiny_files.safetensors)
+    assert shapes[UNET_IN] == (32, 4, 3, 3) and len(shapes) == len(tiny_files.state_dict)
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.safetensors"])
+def test_corrupt_and_truncated_files_are_user_errors(tiny_files, tmp_path, name):
+    source = tiny_files.ckpt if name.endswith(".ckpt") else tiny_files.safetensors
+    data = source.read_bytes()
+    for content in (data[: len(data) // 2], os.urandom(4096), b""):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(UserError, match="corrupt") as err:
+            read_state_dict(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_state_dict(tmp_path / "nope.ckpt")
+    with pytest.raises(UserError, match="is a directory"):
+        read_state_dict(tmp_path)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = str(tmp_path / "code-ran")
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": RunsCode(marker)},
+               tmp_path / "evil.ckpt")
+    with pytest.raises(UserError, match="needs code execution") as err:
+        read_state_dict(tmp_path / "evil.ckpt")
+    assert "mkdir" in str(err.value)
+    assert not os.path.exists(marker)
+
+
+def test_lightning_bookkeeping_is_skipped(tmp_path):
+    pl_callbacks = pytest.importorskip("pytorch_lightning.callbacks")
+    sd = {"w": torch.arange(3.0)}
+    torch.save({"state_dict": sd, "global_step": 7,
+                "callbacks": {pl_callbacks.ModelCheckpoint: {"best_model_score": np.float64(0.5)}}},
+               tmp_path / "old-lightning.ckpt")
+    assert same(read_state_dict(tmp_path / "old-lightning.ckpt"), sd)
+
+
+def test_non_state_dict_content(tmp_path):
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="not a state dict"):
+        read_state_dict(tmp_path / "list.pt")
+    torch.save({"epoch": 3}, tmp_path / "empty.pt")
+    with pytest.raises(UserError, match="no tensors"):
+        read_state_dict(tmp_path / "empty.pt")
+
+
+def test_file_hash(tiny_files):
+    expected = hashlib.sha256(tiny_files.safetensors.read_bytes()).hexdigest()[:10]
+    assert file_hash(tiny_files.safetensors) == expected
+
+
+# ------------------------------------------------------------------------------ loading weights
+
+def test_load_counts_and_ignores_ema_and_position_ids(tiny, tiny_files, caplog):
+    model = tiny.build(seed=1)
+    sd = dict(tiny_files.state_dict)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.diffusion_modelout2weight"] = torch.zeros(4, 32, 3, 3)
+    sd[checkpoint.POSITION_IDS_KEY] = torch.arange(77)[None]
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoint"):
+        report = load_state_dict_into(model, sd)
+    assert report.ok and report.loaded == len(tiny_files.state_dict)
+    assert sorted(report.ignored) == sorted([checkpoint.POSITION_IDS_KEY, "model_ema.decay",
+                                             "model_ema.diffusion_modelout2weight"])
+    assert "ignored 3" in caplog.text
+    assert same(model.state_dict(), tiny_files.state_dict)
+
+
+def test_ema_weights_load_when_the_config_uses_ema(tiny):
+    config = tiny.config(use_ema=True)
+    source = tiny.build(config, seed=3)
+    with torch.no_grad():
+        source.model_ema.diffusion_modelout2weight.fill_(0.25)
+    target = tiny.build(config, seed=4)
+    report = load_state_dict_into(target, source.state_dict())
+    assert report.ok and not report.ignored
+    assert torch.all(target.model_ema.diffusion_modelout2weight == 0.25)
+
+
+def test_half_precision_checkpoint_loads_as_float32(tiny_files, tmp_path):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tiny_files.state_dict.items()}
+    save_file(half, tmp_path / "half.safetensors")
+    model = load_model(tiny_files.config, tmp_path / "half.safetensors", device="cpu")
+    weight = model.model.diffusion_model.input_blocks[0][0].weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, half[UNET_IN].float())
+    bf16 = load_model(tiny_files.config, tmp_path / "half.safetensors", device="cpu",
+                      dtype="bf16")
+    assert bf16.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    with pytest.raises(UserError, match="float16 is not supported on the CPU"):
+        load_model(tiny_files.config, tmp_path / "half.safetensors", device="cpu",
+                   dtype=torch.float16)
+
+
+def with_context_dim(sd, dim):
+    """The tiny checkpoint with every cross-attention key/value projection widened to ``dim``."""
+    sd = dict(sd)
+    for key in sd:
+        if key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            sd[key] = torch.zeros(sd[key].shape[0], dim)
+    return sd
+
+
+def with_in_channels(sd, channels):
+    sd = dict(sd)
+    sd[UNET_IN] = torch.zeros(32, channels, 3, 3)
+    return sd
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda sd: with_context_dim(sd, 768), "use --config configs/stable-diffusion/v1-inference.yaml"),
+    (lambda sd: with_context_dim(sd, 1024), "v2-inference-v.yaml for 768-v checkpoints "
+                                            "(v-prediction, 768px) or configs/stable-diffusion/"
+                                            "v2-inference.yaml for base checkpoints (eps, 512px)"),
+    (lambda sd: with_in_channels(sd, 9), "configs/stable-diffusion/v2-inpainting-inference.yaml"),
+    (lambda sd: with_in_channels(sd, 5), "configs/stable-diffusion/v2-midas-inference.yaml"),
+    (lambda sd: with_in_channels(sd, 7), "configs/stable-diffusion/x4-upscaling.yaml"),
+])
+def test_mismatch_names_the_config_that_fits(tiny_model, tiny_files, change, expected):
+    with pytest.raises(UserError, match="does not fit this checkpoint") as err:
+        load_state_dict_into(tiny_model, change(tiny_files.state_dict), config_name="tiny.yaml")
+    message = str(err.value)
+    assert expected in message and "tiny.yaml" in message and "\n" not in message
+
+
+def test_unrecognised_mismatch_lists_examples(tiny_model, tiny_files):
+    sd = dict(tiny_files.state_dict)
+    del sd["first_stage_model.decoder.conv_out.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    sd["model.diffusion_model.out.2.weight"] = torch.zeros(8, 32, 3, 3)
+    with pytest.raises(UserError) as err:
+        load_state_dict_into(tiny_model, sd)
+    message = str(err.value)
+    assert "1 missing, 1 unexpected, 1 shape mismatches" in message
+    assert "model.diffusion_model.out.2.weight: checkpoint [8, 32, 3, 3] vs model [4, 32, 3, 3]" \
+        in message
+    assert "missing first_stage_model.decoder.conv_out.bias" in message
+
+
+def test_non_strict_load_reports_instead_of_raising(tiny, tiny_files):
+    model = tiny.build(seed=5)
+    sd = with_in_channels(tiny_files.state_dict, 9)
+    del sd["first_stage_model.decoder.conv_out.bias"]
+    report = load_state_dict_into(model, sd, strict=False)
+    assert not report.ok
+    assert report.missing == ["first_stage_model.decoder.conv_out.bias"]
+    assert report.mismatched == [(UNET_IN, (32, 9, 3, 3), (32, 4, 3, 3))]
+    assert report.loaded == len(tiny_files.state_dict) - 2
+
+
+def test_load_model_mismatch_names_config_path(tiny_files, tmp_path):
+    save_file(with_context_dim(tiny_files.state_dict, 768), tmp_path / "sd1.safetensors")
+    with pytest.raises(UserError) as err:
+        load_model(tiny_files.config, tmp_path / "sd1.safetensors", device="cpu")
+    assert str(tiny_files.config) in str(err.value) and "v1-inference.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("shapes, expected", [
+    ({UNET_IN: (320, 4, 3, 3), "model.diffusion_model.label_emb.0.0.weight": (1280, 1536)},
+     "v2-1-stable-unclip-l-inference.yaml"),
+    ({UNET_IN: (320, 4, 3, 3), "model.diffusion_model.label_emb.0.0.weight": (1280, 2048)},
+     "v2-1-stable-unclip-h-inference.yaml"),
+    ({UNET_IN: (320, 4, 3, 3), "control_model.zero_convs.0.0.weight": (320, 320, 1, 1)},
+     "ControlNet"),
+    ({"down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}, "diffusers-format"),
+    ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)},
+     "autoencoder (VAE) alone"),
+])
+def test_suggest_config_other_families(shapes, expected):
+    assert expected in suggest_config(shapes)
+
+
+def test_suggest_config_unknown():
+    assert suggest_config({"something": (1,)}) is None
+    assert suggest_config({UNET_IN: (32, 4, 3, 3)}) is None
+
+
+# ------------------------------------------------------------------------------ load_model paths
+
+def test_default_model_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoint, "REPO_ROOT", tmp_path)
+    with pytest.raises(UserError, match="default model .* is missing; pass --ckpt and --config"):
+        load_model()
+
+
+def test_default_model_is_used_when_present(monkeypatch, tmp_path, tiny_files):
+    monkeypatch.setattr(checkpoint, "REPO_ROOT", tmp_path)
+    (tmp_path / checkpoint.DEFAULT_CKPT).parent.mkdir(parents=True)
+    (tmp_path / checkpoint.DEFAULT_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / checkpoint.DEFAULT_CKPT).write_bytes(tiny_files.safetensors.read_bytes())
+    (tmp_path / checkpoint.DEFAULT_CONFIG).write_text(tiny_files.config.read_text())
+    model = load_model(device="cpu")
+    assert not model.training
+    assert torch.equal(model.model.diffusion_model.input_blocks[0][0].weight,
+                       tiny_files.state_dict[UNET_IN])
+
+
+def test_ckpt_without_config_lists_configs(tiny_files, tmp_path):
+    with pytest.raises(UserError, match="--ckpt needs --config too.*v2-inference.yaml"):
+        load_model(ckpt_path=tiny_files.ckpt)
+    save_file(with_in_channels(tiny_files.state_dict, 9), tmp_path / "inpaint.safetensors")
+    with pytest.raises(UserError, match=r"needs --config too \(use --config "
+                                        r"configs/stable-diffusion/v2-inpainting"):
+        load_model(ckpt_path=tmp_path / "inpaint.safetensors")
+
+
+def test_config_without_ckpt(tiny_files):
+    with pytest.raises(UserError, match="needs --ckpt"):
+        load_model(config_path=tiny_files.config)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [unclosed\n", "not valid YAML"),
+    ("data: {}\n", "has no 'model' section"),
+])
+def test_bad_config_files(tiny_files, tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_model(tmp_path / "bad.yaml", tiny_files.ckpt, device="cpu")
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "absent.yaml", tiny_files.ckpt, device="cpu")
+
+
+def test_bad_device(tiny_files):
+    with pytest.raises(UserError, match="unknown device"):
+        load_model(tiny_files.config, tiny_files.ckpt, device="toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            load_model(tiny_files.config, tiny_files.ckpt, device="cuda")
+
+
+def test_tiny_config_round_trips(tiny, tmp_path):
+    # guards the fixture itself: the written YAML builds the same architecture
+    path = tiny.write_config(tiny.config(), tmp_path / "c.yaml")
+    assert checkpoint.load_config(path).model.params.unet_config.params.context_dim == 32
