@@ -1,0 +1,9 @@
+"""The official import path of the diffusion models; the classes live in focused modules.
+
+    ddpm_base.py        DDPM, DiffusionWrapper
+    latent_diffusion.py LatentDiffusion
+    schedule.py         the schedule buffers and eps / x0 / v algebra
+    training.py         Lightning steps, EMA updates, optimizers
+"""
+from ldm.models.diffusion.ddpm_base import DDPM, DiffusionWrapper, disabled_train  # noqa: F401
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion  # noqa: F401

@@ -1,0 +1,186 @@
+"""Noise schedules, DDIM step selection and small network building blocks.
+
+The schedule functions return float64 numpy arrays, as the official code does; models cast the
+derived buffers to float32 only at the end, so the checkpoint buffers agree bit-for-bit.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from ldm.errors import UserError
+
+
+# ----------------------------------------------------------------------------- schedules
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+    """Beta_t for t = 0 .. n_timestep-1 as a float64 numpy array.
+
+    "linear" is linear in sqrt(beta) (the LDM/SD schedule), "cosine" is Nichol & Dhariwal (2021)
+    eq. 17 with offset ``cosine_s``, "squaredcos_cap_v2" is the same curve through
+    ``betas_for_alpha_bar``; "sqrt_linear" / "sqrt" are the remaining official variants.
+    """
+    if schedule == "linear":
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+    elif schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alpha_bar = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alpha_bar = alpha_bar / alpha_bar[0]
+        betas = np.clip((1 - alpha_bar[1:] / alpha_bar[:-1]).numpy(), a_min=0, a_max=0.999)
+        return betas
+    elif schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(n_timestep, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+    elif schedule == "sqrt_linear":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    elif schedule == "sqrt":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    else:
+        raise UserError(f"unknown beta schedule '{schedule}' (use linear, cosine, squaredcos_cap_v2, "
+                        "sqrt_linear or sqrt)")
+    return betas.numpy()
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
+    """Discretise a continuous alpha_bar(t), t in [0, 1], into betas capped at ``max_beta``."""
+    betas = []
+    for i in range(num_diffusion_timesteps):
+        t1 = i / num_diffusion_timesteps
+        t2 = (i + 1) / num_diffusion_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.array(betas)
+
+
+def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
+    """The DDPM timesteps a DDIM run visits, ascending.
+
+    The official code adds 1 to every step so that the last one is 1 .. T-1 and the final
+    alpha_prev is alphas_cumprod[0]; checkpoints were tuned with this, so we keep it.
+    """
+    if ddim_discr_method == "uniform":
+        if num_ddim_timesteps > num_ddpm_timesteps or num_ddim_timesteps < 1:
+            raise UserError(f"steps must be between 1 and {num_ddpm_timesteps}, got {num_ddim_timesteps}")
+        stride = num_ddpm_timesteps // num_ddim_timesteps
+        steps = np.asarray(list(range(0, num_ddpm_timesteps, stride)))
+    elif ddim_discr_method == "quad":
+        steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise UserError(f"unknown DDIM discretisation '{ddim_discr_method}' (use uniform or quad)")
+    steps_out = steps + 1
+    if verbose:
+        print(f"Selected timesteps for ddim sampler: {steps_out}")
+    return steps_out
+
+
+def make_ddim_sampling_parameters(alphacums, ddim_timesteps, eta, verbose=True):
+    """sigma_t, alpha_t and alpha_{t-1} of the DDIM update (Song et al. 2021, eq. 16).
+
+    sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)); eta = 0 is deterministic
+    DDIM, eta = 1 matches the DDPM posterior variance.
+    """
+    alphacums = torch.as_tensor(alphacums)
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0].item()] + alphacums[ddim_timesteps[:-1]].tolist())
+    a = alphas.double().numpy()
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - a) * (1 - a / alphas_prev))
+    if verbose:
+        print(f"Selected alphas for ddim sampler: a_t: {a}; a_(t-1): {alphas_prev}")
+        print(f"For the chosen value of eta, which is {eta}, this results in the following sigma_t schedule "
+              f"for ddim sampler {sigmas}")
+    return torch.from_numpy(sigmas), alphas, alphas_prev
+
+
+def extract_into_tensor(a, t, x_shape):
+    """a[t] reshaped to [B, 1, 1, ...] so it broadcasts against a tensor of ``x_shape``."""
+    b = t.shape[0]
+    out = a.gather(-1, t)
+    return out.reshape(b, *((1,) * (len(x_shape) - 1)))
+
+
+def noise_like(shape, device, repeat=False):
+    if repeat:
+        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
+    return torch.randn(shape, device=device)
+
+
+# ----------------------------------------------------------------------------- embeddings
+def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps: [N] -> [N, dim]."""
+    if repeat_only:
+        return timesteps[:, None].float().repeat(1, dim)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+# ----------------------------------------------------------------------------- layers
+def checkpoint(func, inputs, params, flag):
+    """Gradient checkpointing of ``func(*inputs)`` when ``flag`` and gradients are being taken.
+
+    ``params`` is accepted for the official signature; non-reentrant checkpointing finds them itself.
+    """
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+def zero_module(module):
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module, scale):
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+def mean_flat(tensor):
+    return tensor.mean(dim=list(range(1, len(tensor.shape))))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the activation dtype (fp16/bf16 statistics drift)."""
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
+                            self.bias.float() if self.bias is not None else None, self.eps).type(x.dtype)
+
+
+def normalization(channels):
+    return GroupNorm32(32, channels)
+
+
+class SiLU(nn.Module):
+    def forward(self, x):
+        return F.silu(x)
+
+
+def conv_nd(dims, *args, **kwargs):
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def linear(*args, **kwargs):
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
