@@ -364,8 +364,8 @@ def load_model(config_path=None, ckpt_path=None, device=None, dtype=None):
     """Build ``config.model``, load the checkpoint strictly, and return it in eval mode.
 
     With neither path given the shipped default model is used. ``dtype`` (default float32) is the
-    dtype of the whole model; a config whose U-Net says ``use_fp16`` runs the U-Net in float16 on
-    CUDA only, since CPU kernels for float16 are slow or missing.
+    dtype of the whole model; with float32, a config whose U-Net says ``use_bf16`` runs the U-Net
+    in bfloat16, and one that says ``use_fp16`` runs it in float16 on CUDA only.
     """
     config_path, ckpt_path = resolve_paths(config_path, ckpt_path)
     device = resolve_device(device)
@@ -377,8 +377,20 @@ def load_model(config_path=None, ckpt_path=None, device=None, dtype=None):
     load_state_dict_into(model, sd, strict=True, config_name=str(config_path))
     del sd
     model = model.eval().to(device=device, dtype=dtype)
-    unet_fp16 = config.model.get("params", {}).get("unet_config", {}).get("params", {}).get("use_fp16")
-    if unet_fp16 and device.type == "cuda" and dtype == torch.float32:
-        model.model.diffusion_model.to(torch.float16)
-        log.info("U-Net runs in float16 (use_fp16 in the config)")
+    unet_dtype = _unet_dtype(config, device)
+    if unet_dtype is not None and dtype == torch.float32:
+        model.model.diffusion_model.to(unet_dtype)
+        log.info("U-Net runs in %s (as the config asks)", unet_dtype)
     return model
+
+
+def _unet_dtype(config, device):
+    """use_bf16 holds on any device; use_fp16 only on CUDA (CPU float16 kernels are slow or
+    missing, and the official configs set it for GPUs)."""
+    unet = (config.model.get("params") or {}).get("unet_config") or {}
+    params = unet.get("params") or {}
+    if params.get("use_bf16"):
+        return torch.bfloat16
+    if params.get("use_fp16") and device.type == "cuda":
+        return torch.float16
+    return None

@@ -108,3 +108,31 @@ def tiny_model(tiny_files):
 def tiny():
     """The helpers above, for tests (importing ``conftest`` by name is fragile across folders)."""
     return SimpleNamespace(config=tiny_config, build=build_tiny_model, write_config=write_config)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name):
+    import importlib.util
+    path = REPO_ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_script(name, args, cwd):
+    """Run ``scripts/<name>.py`` in a fresh interpreter, as a user would."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / f"{name}.py"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def scripts():
+    """``scripts.load(name)`` imports a script module; ``scripts.run(name, args, cwd)`` runs it."""
+    return SimpleNamespace(load=_load_script, run=_run_script)

@@ -273,3 +273,13 @@ def test_tiny_config_round_trips(tiny, tmp_path):
     # guards the fixture itself: the written YAML builds the same architecture
     path = tiny.write_config(tiny.config(), tmp_path / "c.yaml")
     assert checkpoint.load_config(path).model.params.unet_config.params.context_dim == 32
+
+
+def test_unet_dtype_follows_the_config_on_cpu(tiny, tiny_files, tmp_path):
+    for flag, expected in (("use_fp16", torch.float32), ("use_bf16", torch.bfloat16)):
+        config = tiny.config()
+        config["model"]["params"]["unet_config"]["params"][flag] = True
+        path = tiny.write_config(config, tmp_path / f"{flag}.yaml")
+        model = load_model(path, tiny_files.ckpt, device="cpu")
+        assert model.model.diffusion_model.dtype == expected
+        assert model.first_stage_model.decoder.conv_out.weight.dtype == torch.float32
