@@ -44,7 +44,8 @@ def schedule_buffers(betas, v_posterior=0.0):
         "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
     }
-    return {k: torch.tensor(values[k], dtype=torch.float32) for k in SCHEDULE_BUFFERS}
+    # device="cpu" keeps the schedule real even when the model is built under a meta-device context
+    return {k: torch.tensor(values[k], dtype=torch.float32, device="cpu") for k in SCHEDULE_BUFFERS}
 
 
 def lvlb_weights(buffers, parameterization):
@@ -53,14 +54,14 @@ def lvlb_weights(buffers, parameterization):
     Computed from the float32 buffers, as the official code does, so the values agree exactly.
     """
     betas = buffers["betas"]
-    alphas = torch.tensor(1.0 - betas.double().numpy(), dtype=torch.float32)
+    alphas = torch.tensor(1.0 - betas.double().numpy(), dtype=torch.float32, device="cpu")
     if parameterization == "eps":
         w = betas ** 2 / (2 * buffers["posterior_variance"] * alphas * (1 - buffers["alphas_cumprod"]))
     elif parameterization == "x0":
         ac = buffers["alphas_cumprod"]
         w = 0.5 * torch.sqrt(ac) / (2.0 * 1 - ac)
     elif parameterization == "v":
-        w = torch.ones_like(betas)
+        w = torch.ones(betas.shape, dtype=torch.float32, device="cpu")
     else:
         raise NotImplementedError(f"parameterization {parameterization!r} (use eps, x0 or v)")
     w = w.clone()

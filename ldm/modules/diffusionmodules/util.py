@@ -23,9 +23,9 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2,
     ``betas_for_alpha_bar``; "sqrt_linear" / "sqrt" are the remaining official variants.
     """
     if schedule == "linear":
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
     elif schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alpha_bar = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alpha_bar = alpha_bar / alpha_bar[0]
         betas = np.clip((1 - alpha_bar[1:] / alpha_bar[:-1]).numpy(), a_min=0, a_max=0.999)
@@ -33,9 +33,9 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2,
     elif schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(n_timestep, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
         raise UserError(f"unknown beta schedule '{schedule}' (use linear, cosine, squaredcos_cap_v2, "
                         "sqrt_linear or sqrt)")
@@ -62,7 +62,9 @@ def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timestep
         if num_ddim_timesteps > num_ddpm_timesteps or num_ddim_timesteps < 1:
             raise UserError(f"steps must be between 1 and {num_ddpm_timesteps}, got {num_ddim_timesteps}")
         stride = num_ddpm_timesteps // num_ddim_timesteps
-        steps = np.asarray(list(range(0, num_ddpm_timesteps, stride)))
+        # When T is not a multiple of the step count the stride gives one step too many (the
+        # official code then indexes past the schedule); keep exactly the requested number.
+        steps = np.arange(0, num_ddpm_timesteps, stride)[:num_ddim_timesteps]
     elif ddim_discr_method == "quad":
         steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
     else:
