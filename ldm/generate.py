@@ -102,10 +102,6 @@ def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter):
         raise UserError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
     if not isinstance(steps, int) or not 1 <= steps <= model.num_timesteps:
         raise UserError(f"steps must be from 1 to {model.num_timesteps}, got {steps}")
-    if sampler in ("ddim", "plms") and not _fits_ddim_schedule(steps, model.num_timesteps):
-        fits = [s for s in range(steps - 1, 0, -1) if _fits_ddim_schedule(s, model.num_timesteps)]
-        raise UserError(f"{steps} steps do not fit the {model.num_timesteps}-step schedule with the "
-                        f"official DDIM spacing; use {fits[0] if fits else 1} or another count")
     if n_samples < 1 or n_iter < 1:
         raise UserError(f"n_samples and n_iter must be at least 1, got {n_samples} and {n_iter}")
     if eta < 0:
@@ -114,13 +110,6 @@ def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter):
         raise UserError("PLMS is deterministic: use --ddim_eta 0 with --plms")
     if not np.isfinite(scale):
         raise UserError(f"guidance scale must be a finite number, got {scale}")
-
-
-def _fits_ddim_schedule(steps, num_timesteps):
-    # The official uniform spacing shifts every step by one, so some counts (3 of 1000 gives
-    # 1, 334, 667, 1000) step past the schedule and crash inside the sampler.
-    from ldm.modules.diffusionmodules.util import make_ddim_timesteps
-    return make_ddim_timesteps("uniform", steps, num_timesteps, verbose=False).max() < num_timesteps
 
 
 def _conditioning(model, prompts, negative_prompt, scale):
