@@ -7,3 +7,7 @@
 """
 from ldm.models.diffusion.ddpm_base import DDPM, DiffusionWrapper, disabled_train  # noqa: F401
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion  # noqa: F401
+from ldm.models.diffusion.finetune import LatentFinetuneDiffusion, LatentInpaintDiffusion  # noqa: F401
+from ldm.models.diffusion.depth import LatentDepth2ImageDiffusion  # noqa: F401
+from ldm.models.diffusion.upscale import LatentUpscaleDiffusion  # noqa: F401
+from ldm.models.diffusion.unclip import ImageEmbeddingConditionedLatentDiffusion  # noqa: F401

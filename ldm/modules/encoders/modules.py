@@ -19,3 +19,5 @@ __all__ = [
     "CLIPBPETokenizer",
     "CLIPTokenTransformerEmbedder",
 ]
+from ldm.modules.encoders.image_embedders import ClipImageEmbedder, FrozenOpenCLIPImageEmbedder  # noqa: E402,F401
+from ldm.modules.encoders.noise_aug import CLIPEmbeddingNoiseAugmentation  # noqa: E402,F401
