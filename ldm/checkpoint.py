@@ -7,7 +7,7 @@ own shapes (cross-attention width, U-Net input channels, extra sub-models).
 import hashlib
 import logging
 import pickle
-import zipfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +71,14 @@ def _read_safetensors(path):
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"checkpoint '{path}' is not a readable safetensors file ({err}); it may "
-                        f"be truncated or corrupt: download or convert it again") from None
+        raise UserError(f"checkpoint '{path}' is not a readable safetensors file "
+                        f"({_first_line(err)}); it may be truncated or corrupt: download or "
+                        f"convert it again") from None
+
+
+# Unpickling arbitrary bytes can fail with almost any exception type (IndexError, KeyError,
+# struct.error, ...); torch.load is the only call these guard, so all of them mean "unreadable".
+UNREADABLE = Exception
 
 
 def _read_torch(path):
@@ -86,19 +92,29 @@ def _read_torch(path):
             with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
                 try:
                     return _torch_load(path)
-                except pickle.UnpicklingError:
+                except UNREADABLE:
                     pass
-        if "weights only" in str(err).lower() or "unsupported global" in str(err).lower():
-            names = ", ".join(sorted(unsafe)) or "unknown objects"
+        unsafe |= set(re.findall(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err)))
+        if unsafe:
+            names = ", ".join(sorted(unsafe))
             raise UserError(f"checkpoint '{path}' needs code execution to load ({names}), which "
                             f"is refused for safety; convert it to .safetensors with a tool you "
                             f"trust, or re-save only its state_dict") from None
-        raise UserError(f"checkpoint '{path}' is not a readable PyTorch file ({err}); it may be "
-                        f"truncated or corrupt: download it again") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"checkpoint '{path}' is not a readable PyTorch file "
-                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); it may "
-                        f"be truncated or corrupt: download it again") from None
+        raise UserError(_unreadable(path, err)) from None
+    except UNREADABLE as err:
+        raise UserError(_unreadable(path, err)) from None
+
+
+def _unreadable(path, err):
+    # torch wraps every weights-only failure in a long preamble; the cause follows this marker
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+    reason = detail.group(1) if detail else _first_line(err)
+    return f"checkpoint '{path}' is not a readable PyTorch file ({reason}); it may be " \
+           f"truncated or corrupt: download it again"
+
+
+def _first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _torch_load(path):
