@@ -286,6 +286,10 @@ def _mismatch_message(report, sd, config_name):
     counts = ", ".join(f"{len(v)} {name}" for name, v in (
         ("missing", report.missing), ("unexpected", report.unexpected),
         ("shape mismatches", report.mismatched)) if v)
+    if report.missing and all(k.startswith("model_ema.") for k in report.missing) \
+            and not report.unexpected and not report.mismatched:
+        return f"{tried} sets use_ema but this checkpoint has no EMA weights ({counts}); " \
+               f"set use_ema: False in the config"
     advice = suggest_config({k: tuple(v.shape) for k, v in sd.items()})
     if advice:
         return f"{tried} does not fit this checkpoint ({counts}); {advice}"

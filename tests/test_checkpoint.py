@@ -119,6 +119,11 @@ def test_ema_weights_load_when_the_config_uses_ema(tiny):
     assert torch.all(target.model_ema.diffusion_modelout2weight == 0.25)
 
 
+def test_ema_config_with_pruned_checkpoint(tiny, tiny_files):
+    with pytest.raises(UserError, match="sets use_ema but this checkpoint has no EMA weights"):
+        load_state_dict_into(tiny.build(tiny.config(use_ema=True)), tiny_files.state_dict)
+
+
 def test_half_precision_checkpoint_loads_as_float32(tiny_files, tmp_path):
     half = {k: v.half() if v.is_floating_point() else v for k, v in tiny_files.state_dict.items()}
     save_file(half, tmp_path / "half.safetensors")
