@@ -33,6 +33,8 @@ def widen_input_weights(sd, own, finetune_keys, keep_dims):
             logger.info("finetune key %s is not in the model; leaving it to the loader", key)
             continue
         old = sd[key]
+        if old.shape == own[key].shape:  # already widened (e.g. resuming a fine-tuning run)
+            continue
         if old.shape[1] != keep_dims:
             raise UserError(f"finetune key {key} has {old.shape[1]} input channels in the checkpoint, but "
                             f"keep_finetune_dims is {keep_dims}")

@@ -27,7 +27,9 @@ OPENAI_CLIP_ARCHS = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14":
 def _model_config(arch):
     import open_clip  # deferred: importing open_clip takes seconds
     if not isinstance(arch, str):
-        return copy.deepcopy(dict(arch))
+        from omegaconf import OmegaConf
+        # open_clip reads nested config entries as attributes of plain dicts, so no OmegaConf nodes
+        return OmegaConf.to_container(arch, resolve=True) if OmegaConf.is_config(arch) else copy.deepcopy(dict(arch))
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise UserError(f"unknown OpenCLIP arch '{arch}'; known: {', '.join(open_clip.list_models())}")

@@ -71,6 +71,7 @@ class MiDaSInference(nn.Module):
             raise UserError(f"MiDaS weights '{path}' do not fit model_type '{self.model_type}' ({len(missing)} "
                             f"missing, {len(unexpected)} unexpected keys)")
         self.has_weights = True
+        logger.info("loaded MiDaS %s weights from %s", self.model_type, path)
 
     @torch.no_grad()
     def forward(self, x):
