@@ -339,3 +339,36 @@ def test_vanilla_xformers_vae_attention_equals_vanilla(tiny):
         torch.testing.assert_close(other.encode(x).mode(), vanilla.encode(x).mode())
         z = torch.randn(2, 4, 8, 8)
         torch.testing.assert_close(other.decode(z), vanilla.decode(z))
+
+
+# ------------------------------------------------------------------------------------------- inputs and loading
+def test_pil_inputs_match_tensors(inpaint_model):
+    from PIL import Image
+    pixels = (np.arange(16 * 16 * 3).reshape(16, 16, 3) % 251).astype(np.uint8)
+    mask_pixels = np.zeros((16, 16), dtype=np.uint8)
+    mask_pixels[3:10, 5:13] = 255
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mask = torch.from_numpy(mask_pixels)[None, None].float() / 255
+    torch.manual_seed(0)
+    from_pil = inpaint_conditioning(inpaint_model, Image.fromarray(pixels), Image.fromarray(mask_pixels), "x")
+    torch.manual_seed(0)
+    from_tensors = inpaint_conditioning(inpaint_model, image, mask, "x")
+    torch.testing.assert_close(from_pil.cond["c_concat"][0], from_tensors.cond["c_concat"][0])
+
+
+def test_image_size_must_fit_the_unet(inpaint_model):
+    with pytest.raises(UserError, match="multiples of 4"):
+        inpaint_conditioning(inpaint_model, images(size=18), torch.ones(1, 1, 18, 18), "x")
+
+
+def test_depth_checkpoint_round_trip_through_the_loader(tiny, depth_model, tmp_path):
+    from ldm.checkpoint import load_model
+    config = tiny.write_config(depth_config(tiny), tmp_path / "depth.yaml")
+    torch.save({"state_dict": depth_model.state_dict()}, tmp_path / "depth.ckpt")
+    loaded = load_model(config, tmp_path / "depth.ckpt", device="cpu")
+    assert loaded.depth_model.has_weights
+    depth = torch.rand(1, 1, 64, 64)
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(loaded.depth_model(x), depth_model.depth_model(x))
+    ours, reference = (depth_conditioning(m, "x", image=images(size=16), depth=depth) for m in (loaded, depth_model))
+    torch.testing.assert_close(ours.cond["c_concat"][0], reference.cond["c_concat"][0])
