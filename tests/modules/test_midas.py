@@ -102,3 +102,15 @@ def test_input_is_resized_image_in_minus_one_one():
 def test_unsupported_model_types(name):
     with pytest.raises(UserError, match=name):
         MiDaSInference(name)
+
+
+def test_dpt_large_reassembles_four_vit_levels():
+    torch.manual_seed(0)
+    midas = MiDaSInference("dpt_large", **TINY_DPT)
+    midas.has_weights = True
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        maps = midas.model.pretrained(x)
+    # 4x and 2x up, same, 2x down from the 4x6 patch grid
+    assert [tuple(t.shape) for t in maps] == [(1, 256, 16, 24), (1, 512, 8, 12), (1, 1024, 4, 6), (1, 1024, 2, 3)]
+    assert midas(x).shape == (1, 1, 64, 96)

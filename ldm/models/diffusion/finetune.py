@@ -57,6 +57,9 @@ class LatentFinetuneDiffusion(LatentDiffusion):
                  c_concat_log_start=None, c_concat_log_end=None, *args, frozen_stages=None, **kwargs):
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
+        if finetune_keys is not None and ckpt_path is None:
+            raise UserError("finetune_keys is set but there is no ckpt_path to fine-tune from; set ckpt_path or "
+                            "finetune_keys: null")
         super().__init__(*args, **kwargs)
         self.finetune_keys = finetune_keys
         self.concat_keys = concat_keys
@@ -65,9 +68,6 @@ class LatentFinetuneDiffusion(LatentDiffusion):
         self.c_concat_log_end = c_concat_log_end
         for name, config in (frozen_stages or {}).items():
             self.instantiate_frozen_stage(name, config)
-        if finetune_keys is not None and ckpt_path is None:
-            raise UserError("finetune_keys is set but there is no ckpt_path to fine-tune from; set ckpt_path or "
-                            "finetune_keys: null")
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 

@@ -137,8 +137,9 @@ class ViTEncoder(nn.Module):
         self.hooks = tuple(hooks)
         self.hybrid = hybrid
         self.start_index = start_index
-        first = 2 if hybrid else 0
-        for level in range(first, 4):
+        levels = range(2 if hybrid else 0, 4)  # the feature levels read out of the ViT
+        self.block_to_level = {self.hooks[level]: level for level in levels}
+        for level in levels:
             setattr(self, f"act_postprocess{level + 1}",
                     make_reassemble(level, make_readout(readout, vit_features, start_index), vit_features,
                                     features[level]))
@@ -168,11 +169,10 @@ class ViTEncoder(nn.Module):
         x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, h*w, D]
         x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = vit.pos_drop(x + self.resized_pos_embed(grid))
-        for i, block in enumerate(vit.blocks[:max(self.hooks) + 1]):
+        for i, block in enumerate(vit.blocks[:max(self.block_to_level) + 1]):
             x = block(x)
-            level = self.hooks.index(i) if i in self.hooks else None
-            if level is not None and len(maps) == level:
-                maps.append(getattr(self, f"act_postprocess{level + 1}")(x, grid))
+            if i in self.block_to_level:
+                maps.append(getattr(self, f"act_postprocess{self.block_to_level[i] + 1}")(x, grid))
         return maps
 
 
