@@ -4,17 +4,19 @@ from contextlib import contextmanager
 import pytorch_lightning as pl
 import torch
 
+from ldm.models.autoencoder_training import AutoencoderTrainingMixin
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
 
-class AutoencoderKL(pl.LightningModule):
+class AutoencoderKL(AutoencoderTrainingMixin, pl.LightningModule):
     """Image <-> latent with a diagonal Gaussian posterior (Rombach et al. 2022, sec. 3.1).
 
     ``quant_conv`` maps encoder features to [mean | logvar] of ``embed_dim`` channels;
-    ``post_quant_conv`` maps a latent back to decoder width.
+    ``post_quant_conv`` maps a latent back to decoder width. Training (two optimizers, the loss in
+    ``lossconfig``) lives in autoencoder_training.py.
     """
 
     def __init__(self, ddconfig, lossconfig, embed_dim, ckpt_path=None, ignore_keys=(), image_key="image",

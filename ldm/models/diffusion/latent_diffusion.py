@@ -222,3 +222,12 @@ class LatentDiffusion(DDPM):
             std = std / dist.get_world_size()
         self.scale_factor.copy_(1.0 / std)
         logger.info("scale_by_std: setting scale_factor to %.5f", float(self.scale_factor))
+
+    # ------------------------------------------------------------------ image logging
+    @torch.no_grad()
+    def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=0., **kwargs):
+        """Input, reconstruction, conditioning, DDIM samples (with and without guidance): see image_logging.py."""
+        # imported here: models do not import samplers at module level
+        from ldm.models.diffusion.image_logging import log_images
+        return log_images(self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+                          **kwargs)

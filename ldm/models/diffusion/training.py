@@ -1,8 +1,39 @@
-"""Lightning training logic shared by DDPM and LatentDiffusion (steps, EMA updates, optimizers)."""
+"""Lightning training logic shared by DDPM and LatentDiffusion (steps, EMA updates, optimizers).
+
+Conditioning dropout for classifier-free guidance (Ho & Salimans 2022) follows the official
+``ucg_training`` parameter: ``{txt: {p: 0.1, val: ""}}`` replaces each caption in ``batch["txt"]`` by
+``""`` with probability 0.1 before the step, so the model also learns the unconditional prediction.
+"""
+import logging
+
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm.errors import UserError
 from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def drop_conditioning(batch, ucg_training, rng):
+    """Replace ``batch[key][i]`` by ``val`` with probability ``p`` for every ``key: {p, val}`` (in place).
+
+    One ``rng.choice(2, p=[1 - p, p])`` draw per item and key, in batch order: the official draw sequence.
+    """
+    for key, spec in ucg_training.items():
+        if key not in batch:
+            raise UserError(f"ucg_training names batch key {key!r}, but batches have {sorted(batch)}")
+        p = float(spec["p"])
+        val = spec.get("val")
+        val = "" if val is None else val
+        items = batch[key]
+        if isinstance(items, tuple):
+            items = batch[key] = list(items)
+        for i in range(len(items)):
+            if rng.choice(2, p=[1 - p, p]):
+                items[i] = val
+    return batch
 
 
 class DiffusionTrainingMixin:
@@ -13,7 +44,17 @@ class DiffusionTrainingMixin:
         x = self.get_input(batch, self.first_stage_key)
         return self(x)
 
+    @property
+    def ucg_rng(self):
+        """numpy RNG for conditioning dropout, seeded from torch's seed (set by ``--seed``) and the rank."""
+        if getattr(self, "_ucg_rng", None) is None:
+            seed = (torch.initial_seed() + 1000003 * self.global_rank) % 2 ** 32
+            self._ucg_rng = np.random.RandomState(seed)
+        return self._ucg_rng
+
     def training_step(self, batch, batch_idx):
+        if self.ucg_training:
+            drop_conditioning(batch, self.ucg_training, self.ucg_rng)
         loss, loss_dict = self.shared_step(batch)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True,
                       batch_size=self._batch_size(batch))
