@@ -131,6 +131,26 @@ def test_export_script(trained, tmp_path, scripts):
     assert module.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "b.safetensors")]) == 2
 
 
+def test_autoencoder_trains_and_resumes_both_optimizers(tiny, tmp_path):
+    config = run_config(tiny)
+    vae = tiny.config()["model"]["params"]["first_stage_config"]
+    vae["params"]["lossconfig"] = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                                   "params": {"disc_start": 1, "perceptual_weight": 0.0, "disc_num_layers": 2}}
+    vae["params"]["monitor"] = "val/rec_loss"
+    config["model"] = dict(vae, base_learning_rate=1e-5)
+    path = tiny.write_config(config, tmp_path / "vae.yaml")
+    logs = tmp_path / "logs"
+    assert train_main.main(["--base", str(path), "-t", "--accelerator", "cpu", "--max_steps", "2",
+                            "--logdir", str(logs)]) == 0
+    (run,) = logs.iterdir()
+    assert train_main.main(["--resume", str(run), "-t", "--accelerator", "cpu", "--max_steps", "3"]) == 0
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3  # batches
+    steps = [int(next(iter(state["state"].values()))["step"]) for state in ckpt["optimizer_states"]]
+    assert steps == [3, 3]
+    assert any(k.startswith("loss.discriminator.") for k in ckpt["state_dict"])
+
+
 def test_set_learning_rate_formula(caplog):
     config = OmegaConf.create({"model": {"base_learning_rate": 2e-6}, "data": {"params": {"batch_size": 3}}})
     model = SimpleNamespace()
@@ -246,7 +266,6 @@ def test_datamodule_builds_only_the_configured_splits():
         train_main.DataModuleFromConfig(batch_size=0, train=train)
 
 
-@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny, tmp_path):
     config = tiny.write_config(run_config(tiny), tmp_path / "ddp.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))

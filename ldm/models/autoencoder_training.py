@@ -4,15 +4,17 @@ Lightning 2 has no ``optimizer_idx``: each training step runs both updates by ha
 optimisation), first the autoencoder (loss ``optimizer_idx=0``), then the discriminator on the same,
 detached reconstructions (``optimizer_idx=1``).
 
-Lightning counts every ``optimizer.step()`` in ``global_step``, so it grows by 2 per batch here. The
-loss receives the number of batches trained (``global_step // 2``), which is what ``disc_start``
-counts in the official configs; note that ``--max_steps`` and the image logger's frequency count
-optimizer steps. Under DDP use ``strategy: ddp_find_unused_parameters_true``: each backward leaves the
+Lightning counts every ``LightningOptimizer.step()`` in ``global_step``; the discriminator update goes
+through ``trainer.strategy.optimizer_step`` instead, so ``global_step`` counts batches as it did for the
+official (Lightning 1.4) runs: ``disc_start``, ``--max_steps`` and the image logger's frequency all
+count batches. Under DDP use ``strategy: ddp_find_unused_parameters_true``: each backward leaves the
 other network's parameters without gradients.
 """
 import torch
 
-OPTIMIZERS_PER_BATCH = 2
+
+def _no_closure():
+    return None
 
 
 class AutoencoderTrainingMixin:
@@ -29,32 +31,29 @@ class AutoencoderTrainingMixin:
         if value:
             raise ValueError("AutoencoderKL trains with manual optimisation (two optimizers)")
 
-    @property
-    def batches_trained(self):
-        return self.global_step // OPTIMIZERS_PER_BATCH
-
-    def _loss(self, inputs, reconstructions, posterior, optimizer_idx, split):
-        return self.loss(inputs, reconstructions, posterior, optimizer_idx, self.batches_trained,
+    def _loss(self, inputs, reconstructions, posterior, optimizer_idx, split, step):
+        return self.loss(inputs, reconstructions, posterior, optimizer_idx, step,
                          last_layer=self.get_last_layer(), split=split)
 
     def training_step(self, batch, batch_idx):
         opt_ae, opt_disc = self.optimizers()
         inputs = self.get_input(batch, self.image_key)
         bs = inputs.shape[0]
+        step = self.global_step  # batches trained so far; the autoencoder update below increments it
 
         self.toggle_optimizer(opt_ae)  # discriminator weights get no gradient from the generator loss
         reconstructions, posterior = self(inputs)
-        aeloss, log_dict_ae = self._loss(inputs, reconstructions, posterior, 0, "train")
+        aeloss, log_dict_ae = self._loss(inputs, reconstructions, posterior, 0, "train", step)
         opt_ae.zero_grad()
         self.manual_backward(aeloss)
         opt_ae.step()
         self.untoggle_optimizer(opt_ae)
 
         self.toggle_optimizer(opt_disc)
-        discloss, log_dict_disc = self._loss(inputs, reconstructions.detach(), posterior, 1, "train")
+        discloss, log_dict_disc = self._loss(inputs, reconstructions.detach(), posterior, 1, "train", step)
         opt_disc.zero_grad()
         self.manual_backward(discloss)
-        opt_disc.step()
+        self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=_no_closure)  # not counted in global_step
         self.untoggle_optimizer(opt_disc)
 
         self.log("aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)
@@ -74,8 +73,8 @@ class AutoencoderTrainingMixin:
         inputs = self.get_input(batch, self.image_key)
         reconstructions, posterior = self(inputs)
         split = "val" + postfix
-        _, log_dict_ae = self._loss(inputs, reconstructions, posterior, 0, split)
-        _, log_dict_disc = self._loss(inputs, reconstructions, posterior, 1, split)
+        _, log_dict_ae = self._loss(inputs, reconstructions, posterior, 0, split, self.global_step)
+        _, log_dict_disc = self._loss(inputs, reconstructions, posterior, 1, split, self.global_step)
         # includes {split}/rec_loss, the metric the official configs monitor
         self.log_dict({**log_dict_ae, **log_dict_disc}, batch_size=inputs.shape[0])
         return log_dict_ae

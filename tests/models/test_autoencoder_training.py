@@ -50,9 +50,9 @@ def test_manual_optimisation_updates_discriminator_only_after_disc_start():
     ae0 = model.decoder.conv_out.weight.detach().clone()
     disc0 = model.loss.discriminator.main[0].weight.detach().clone()
     snaps = Snapshots()
-    trainer = _trainer(max_steps=4, callbacks=[snaps])  # Lightning counts both optimizer steps: 2 batches
+    trainer = _trainer(max_steps=2, callbacks=[snaps])
     trainer.fit(model, _loader())
-    assert trainer.global_step == 4 and len(snaps.ae) == 2
+    assert trainer.global_step == 2 and len(snaps.ae) == 2  # global_step counts batches, not optimizer steps
     # batch 0 (< disc_start): the autoencoder learns, the discriminator loss is weighted 0
     assert not torch.equal(snaps.ae[0], ae0)
     assert torch.equal(snaps.disc[0], disc0)
@@ -70,7 +70,7 @@ def test_manual_optimisation_updates_discriminator_only_after_disc_start():
 
 def test_validation_logs_rec_loss_and_ema():
     model = _model(ema_decay=0.99)
-    trainer = _trainer(max_steps=2)
+    trainer = _trainer(max_steps=1)
     trainer.fit(model, _loader(n=2))
     assert int(model.model_ema.num_updates) == 1
     metrics = trainer.validate(model, _loader(n=2), verbose=False)[0]
