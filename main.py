@@ -30,11 +30,22 @@ EXIT_USER_ERROR = 2
 EXIT_CODES = {"keyboard": 130, "sigterm": 143}
 # Lightning re-runs this script for ranks > 0 under DDP; they must use rank 0's run folder
 RUN_NOW_ENV = "LDM_MAIN_RUN_NOW"
+
+
+def count_or_fraction(text):
+    """Lightning reads an int as a number of batches and a float as a fraction: keep "4" an int."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 TRAINER_FLAGS = {  # flag: type; given flags override lightning.trainer.<flag>
     "accelerator": str, "devices": str, "strategy": str, "num_nodes": int, "precision": str, "max_steps": int,
-    "max_epochs": int, "accumulate_grad_batches": int, "limit_train_batches": float, "limit_val_batches": float,
-    "val_check_interval": float, "check_val_every_n_epoch": int, "log_every_n_steps": int,
-    "num_sanity_val_steps": int, "gradient_clip_val": float,
+    "max_epochs": int, "accumulate_grad_batches": int, "limit_train_batches": count_or_fraction,
+    "limit_val_batches": count_or_fraction, "val_check_interval": count_or_fraction,
+    "check_val_every_n_epoch": int, "log_every_n_steps": int, "num_sanity_val_steps": int,
+    "gradient_clip_val": float,
 }
 
 
@@ -162,8 +173,8 @@ def load_configs(paths, overrides):
 def trainer_config_from(opt, lightning_config):
     """lightning.trainer with the given CLI flags applied on top (``--gpus`` mapped to accelerator/devices)."""
     from omegaconf import OmegaConf
-    trainer_config = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()) or {},
-                                            resolve=True)
+    trainer_section = lightning_config.get("trainer")
+    trainer_config = OmegaConf.to_container(trainer_section, resolve=True) if trainer_section else {}
     for flag in TRAINER_FLAGS:
         if getattr(opt, flag) is not None:
             trainer_config[flag] = getattr(opt, flag)
@@ -280,7 +291,7 @@ def train(opt, unknown):
     data = instantiate_from_config(config.data)
     data.prepare_data()
     data.setup()
-    for split, dataset in data.datasets.items():
+    for split, dataset in getattr(data, "datasets", {}).items():
         logger.info("data %s: %s, %d examples", split, dataset.__class__.__name__, len(dataset))
 
     setup_callback = SetupCallback(resume=bool(opt.resume), now=now, logdir=logdir, ckptdir=ckptdir, cfgdir=cfgdir,

@@ -243,6 +243,20 @@ def test_resume_from_a_checkpoint_file_reuses_its_run(tmp_path):
         train_main.resolve_run(SimpleNamespace(resume=str(run), base=[]), "now")
 
 
+def test_trainer_flags_override_the_config():
+    lightning = OmegaConf.create({"trainer": {"max_steps": 10, "gpus": "0,", "benchmark": True}})
+    opt, _ = train_main.parse_args(["--base", "x.yaml", "-t", "--max_steps", "20", "--limit_val_batches", "4",
+                                    "--val_check_interval", "0.5"])
+    kwargs = train_main.trainer_config_from(opt, lightning)
+    assert kwargs == {"max_steps": 20, "limit_val_batches": 4, "val_check_interval": 0.5, "benchmark": True,
+                      "accelerator": "gpu", "devices": [0]}  # legacy gpus: "0," -> accelerator + devices
+    assert lightning.trainer.max_steps == 20  # saved with the run's lightning config
+    opt, _ = train_main.parse_args(["--base", "x.yaml", "-t", "--devices", "2", "--accelerator", "cpu"])
+    assert train_main.trainer_config_from(opt, OmegaConf.create()) == {"devices": 2, "accelerator": "cpu"}
+    opt, unknown = train_main.parse_args(["--base", "x.yaml", "-t", "model.params.x=1", "--scale_lr", "false"])
+    assert opt.train is True and opt.scale_lr is False and unknown == ["model.params.x=1"]
+
+
 def test_monitor_without_ema_drops_the_suffix():
     assert train_main.checkpoint_monitor(SimpleNamespace(monitor="val/loss_simple_ema", use_ema=False)) == \
         "val/loss_simple"
