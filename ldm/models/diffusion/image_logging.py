@@ -6,6 +6,7 @@ rendered as text), ``diffusion_row`` (one input noised at increasing t), ``sampl
 encoding of the empty prompt), ``samples_inpainting`` / ``samples_outpainting`` / ``mask`` (DDIM with
 the centre, then the border, of the input latent kept).
 """
+import textwrap
 from contextlib import nullcontext
 
 import numpy as np
@@ -31,7 +32,7 @@ def log_txt_as_img(wh, xc, size=10):
     images = []
     for text in xc:
         canvas = Image.new("RGB", (w, h), color="white")
-        lines = [text[i:i + chars_per_line] for i in range(0, len(text), chars_per_line)]
+        lines = textwrap.wrap(text, width=chars_per_line, break_long_words=True)
         ImageDraw.Draw(canvas).text((0, 0), "\n".join(lines), fill="black", font=font)
         images.append(np.asarray(canvas, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(images))
