@@ -51,9 +51,12 @@ class AutoencoderTrainingMixin:
 
         self.toggle_optimizer(opt_disc)
         discloss, log_dict_disc = self._loss(inputs, reconstructions.detach(), posterior, 1, "train", step)
-        opt_disc.zero_grad()
-        self.manual_backward(discloss)
-        self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=_no_closure)  # not counted in global_step
+        # Before disc_start the discriminator loss is 0 * loss: its gradients are zero and Adam would
+        # not move, so the update is skipped rather than computed.
+        if discloss.requires_grad and step >= self.loss.discriminator_iter_start:
+            opt_disc.zero_grad()
+            self.manual_backward(discloss)
+            self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=_no_closure)  # not in global_step
         self.untoggle_optimizer(opt_disc)
 
         self.log("aeloss", aeloss.detach(), prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)

@@ -91,13 +91,18 @@ class LPIPSWithDiscriminator(nn.Module):
         kl_loss = posteriors.kl()
         kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
 
-        g_loss = -torch.mean(self._discriminate(reconstructions, cond))
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        if disc_factor > 0.0:
+            g_loss = -torch.mean(self._discriminate(reconstructions, cond))
+        else:
+            # Before disc_start the GAN term is multiplied by 0: skip the discriminator and the
+            # adaptive-weight gradients (as costly as the autoencoder itself); the loss is unchanged.
+            g_loss = torch.zeros((), device=inputs.device)
         # The balance needs gradients; in validation (no grad, or eval mode) the GAN term gets weight 0.
-        if self.disc_factor > 0.0 and self.training and torch.is_grad_enabled() and last_layer is not None:
+        if disc_factor > 0.0 and self.training and torch.is_grad_enabled() and last_layer is not None:
             d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
         else:
             d_weight = torch.tensor(0.0, device=inputs.device)
-        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         log = {f"{split}/total_loss": loss.clone().detach().mean(), f"{split}/logvar": self.logvar.detach(),
                f"{split}/kl_loss": kl_loss.detach().mean(), f"{split}/nll_loss": nll_loss.detach().mean(),
