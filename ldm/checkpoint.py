@@ -19,7 +19,7 @@ from ldm.util import instantiate_from_config
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = "configs/latent-diffusion/shapes-ldm.yaml"
+DEFAULT_CONFIG = "models/shapes/shapes-ldm.yaml"
 DEFAULT_CKPT = "models/shapes/shapes-ldm.safetensors"
 SD_CONFIG_DIR = "configs/stable-diffusion"
 
