@@ -10,6 +10,31 @@ from ldm.errors import UserError
 
 EXIT_USER_ERROR = 2
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"
+# Defaults when the flags are not given: the shipped shapes model was tuned for fewer steps and a
+# lower guidance scale than the official checkpoints (see bench/shapes_fidelity.py).
+SHIPPED_DEFAULTS = {"prompt": "a red circle on a white background", "steps": 25, "scale": 3.0}
+OFFICIAL_DEFAULTS = {"prompt": DEFAULT_PROMPT, "steps": 50, "scale": 7.5}
+
+
+def uses_shipped_model(ckpt=None, config=None):
+    if ckpt is None and config is None:
+        return True
+    from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT
+    return ckpt is not None and Path(ckpt).resolve() == (REPO_ROOT / DEFAULT_CKPT).resolve()
+
+
+def default_scale(ckpt=None, config=None):
+    return (SHIPPED_DEFAULTS if uses_shipped_model(ckpt, config) else OFFICIAL_DEFAULTS)["scale"]
+
+
+def fill_model_defaults(args):
+    """Fill --prompt/--steps/--scale left unset with the defaults of the model being used."""
+    defaults = SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
+    for name, value in defaults.items():
+        if name == "prompt" and getattr(args, "from_file", None) is not None:
+            continue
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,12 +47,16 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_common_args(parser, outdir):
     """Flags of both txt2img and img2img (official names; ``--steps`` also as ``--ddim_steps``)."""
     add = parser.add_argument
-    add("--prompt", type=str, default=None, help=f"what to render (default: '{DEFAULT_PROMPT}')")
+    add("--prompt", type=str, default=None,
+        help=f"what to render (default: '{SHIPPED_DEFAULTS['prompt']}' with the shipped model, "
+             f"else '{DEFAULT_PROMPT}')")
     add("--negative-prompt", type=str, default="", help="what to steer away from")
     add("--from-file", type=str, default=None, help="read prompts from this file, one per line")
     add("--repeat", type=int, default=1, help="with --from-file, run each prompt this many times")
     add("--outdir", type=str, default=outdir, help="where samples/ and the grids go")
-    add("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="sampling steps")
+    add("--steps", "--ddim_steps", dest="steps", type=int, default=None,
+        help=f"sampling steps (default: {SHIPPED_DEFAULTS['steps']} with the shipped model, "
+             f"{OFFICIAL_DEFAULTS['steps']} otherwise)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--plms", action="store_true", help="use the PLMS sampler")
     group.add_argument("--dpm", action="store_true", help="use the DPM-Solver sampler")
@@ -36,8 +65,9 @@ def add_common_args(parser, outdir):
         help="sampling rounds (official default 3; 1 here since CPU runs are slow)")
     add("--n_samples", type=int, default=3, help="images per round (the batch size)")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    add("--scale", type=float, default=7.5,
-        help="classifier-free guidance scale (official: 7.5 for SD 1.x, 9.0 for SD 2.x)")
+    add("--scale", type=float, default=None,
+        help=f"classifier-free guidance scale (default: {SHIPPED_DEFAULTS['scale']} with the shipped "
+             f"model, {OFFICIAL_DEFAULTS['scale']} otherwise; official SD 2.x scripts use 9.0)")
     add("--C", type=int, default=None, help="latent channels (default: the model's)")
     add("--f", type=int, default=None, help="downsampling factor (default: the model's)")
     add("--config", type=str, default=None, help="model config .yaml (default: shipped model)")
@@ -55,6 +85,7 @@ def add_common_args(parser, outdir):
 
 def check_common_args(args):
     """Refuse impossible values before anything slow happens."""
+    fill_model_defaults(args)
     for name in ("steps", "n_samples", "n_iter", "repeat"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
