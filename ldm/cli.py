@@ -81,6 +81,9 @@ def add_common_args(parser, outdir):
     add("--skip_save", action="store_true", help="do not save individual samples")
     add("--no-watermark", action="store_true", help="do not embed the invisible watermark")
     add("--verbose", action="store_true", help="log details (keys ignored while loading, ...)")
+    add("--attention", choices=["auto", "sdpa", "xformers", "math"], default="auto",
+        help="attention kernel (auto: xformers when installed and on CUDA, else PyTorch SDPA); "
+             "ATTN_PRECISION=fp16 turns off the float32 attention logits used under autocast")
 
 
 def check_common_args(args):
@@ -129,10 +132,29 @@ def check_latent_flags(args, model):
                             f"leave it out")
 
 
+def attention_options(args, environ=None):
+    """(backend, upcast) from --attention and the official ATTN_PRECISION variable.
+
+    ATTN_PRECISION=fp32 (the official default) computes attention logits in float32 under
+    half-precision autocast, which SD 2.x v-models need; any other value (e.g. fp16) keeps them
+    in the autocast dtype.
+    """
+    import os
+    environ = os.environ if environ is None else environ
+    backend = getattr(args, "attention", None) or "auto"
+    if backend == "auto":
+        from ldm.modules.attention import xformers_available
+        backend = "xformers" if xformers_available() else "sdpa"
+    return backend, environ.get("ATTN_PRECISION", "fp32") == "fp32"
+
+
 def load_model_for(args):
     from ldm.checkpoint import load_model
+    from ldm.modules.attention import set_attention_options
     # weights stay float32; --bf16 and --precision act through autocast, as officially
-    return load_model(args.config, args.ckpt, device=args.device)
+    model = load_model(args.config, args.ckpt, device=args.device)
+    backend, upcast = attention_options(args)
+    return set_attention_options(model, backend=backend, upcast=upcast)
 
 
 def model_hash_for(args):
