@@ -1,0 +1,468 @@
+"""Sampling library API for the image-conditioned families, beside ``ldm.generate``'s txt2img/img2img.
+
+    inpaint            repaint where a mask is white: a 9-channel inpainting model, or any
+                       text-to-image model by keeping the known region at every DDIM/PLMS step
+    depth2img          img2img conditioned on a depth map (MiDaS, or one given as an image)
+    upscale            the x4 upscaler, tiled in low-resolution space so memory stays bounded
+    unclip_variations  stable unCLIP: new images from an image's CLIP embedding (or a given one)
+
+Same conventions as ``ldm.generate``: ``prompts`` is one string (``n_samples`` images per round)
+or a list cut into batches; ``on_batch(images, prompts)`` is called as batches finish; results
+come back in order as PIL images. Images whose sides the model cannot take are edge-padded to
+the next fitting size and the result cropped back, so outputs keep the input's size.
+"""
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.conditioning import (depth_conditioning, inpaint_conditioning, latent_size_of, unclip_conditioning,
+                              unet_multiple, upscale_conditioning, vae_factor)
+from ldm.errors import UserError
+from ldm.generate import (_conditioning, _device, _dtype, _ema_scope, batches, check_settings, make_sampler,
+                          native_size, precision_scope, seed_everything)
+from ldm.image_io import images_to_tensor, tensor_to_images
+
+log = logging.getLogger(__name__)
+
+FAMILY_NAMES = {"inpainting": "an inpainting", "depth": "a depth-to-image", "upscaling": "an x4 upscaling",
+                "unclip": "a stable unCLIP", "txt2img": "a text-to-image"}
+OUTPAINT_MULTIPLE = 8
+
+
+def model_family(model):
+    """"inpainting", "depth", "upscaling", "unclip" or "txt2img", from the sub-models it carries."""
+    if hasattr(model, "masked_image_key"):
+        return "inpainting"
+    if hasattr(model, "depth_model"):
+        return "depth"
+    if hasattr(model, "low_scale_model"):
+        return "upscaling"
+    if hasattr(model, "embedder"):
+        return "unclip"
+    return "txt2img"
+
+
+def require_family(model, *families):
+    family = model_family(model)
+    if family not in families:
+        wanted = " or ".join(FAMILY_NAMES[f] for f in families)
+        raise UserError(f"this is {FAMILY_NAMES[family]} model ({type(model).__name__}); this needs {wanted} "
+                        f"model: pass its --ckpt and --config")
+    return family
+
+
+def size_multiple(model):
+    """Image sides must be multiples of this (VAE factor x U-Net down-sampling)."""
+    return vae_factor(model) * unet_multiple(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# images and masks
+
+def open_image(path, what="image"):
+    """Open an image file keeping its mode (a mask's alpha matters), or raise UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist; pass the path to a PNG or JPEG file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{what} '{path}' cannot be read ({err}); pass a PNG or JPEG file") from None
+
+
+def to_mask(image):
+    """Any PIL image -> "L" mask (white = repaint); transparent pixels count as black."""
+    if "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return image.convert("L")
+
+
+def fit_to(image, size, what):
+    """``image`` resized to ``size`` (w, h) with a warning when it is not that size already."""
+    if image.size == tuple(size):
+        return image
+    log.warning("%s is %dx%d but the image is %dx%d; resizing the %s to fit", what, *image.size, *size, what)
+    return image.resize(tuple(size), resample=Image.BILINEAR)
+
+
+def pad_to_multiple(image, multiple):
+    """Edge-pad right and bottom up to multiples of ``multiple`` (as the official demos pad)."""
+    w, h = image.size
+    pad_w, pad_h = -w % multiple, -h % multiple
+    if not pad_w and not pad_h:
+        return image
+    log.info("padding %dx%d to %dx%d (multiples of %d); the result is cropped back", w, h, w + pad_w, h + pad_h,
+             multiple)
+    array = np.asarray(image)
+    widths = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2)
+    return Image.fromarray(np.pad(array, widths, mode="edge"))
+
+
+def outpaint_canvas(image, mask, left=0, right=0, top=0, bottom=0):
+    """(canvas, mask): ``image`` extended by the given pixels (rounded up to multiples of 8) with
+    edge pixels, and a mask that is white over the new area (and wherever ``mask`` is white)."""
+    amounts = [left, right, top, bottom]
+    if any(a < 0 for a in amounts):
+        raise UserError(f"outpaint amounts must be 0 or more pixels, got {amounts}")
+    rounded = [-(-a // OUTPAINT_MULTIPLE) * OUTPAINT_MULTIPLE for a in amounts]
+    if rounded != amounts:
+        log.warning("outpaint amounts rounded up to multiples of %d: %s (left, right, top, bottom)",
+                    OUTPAINT_MULTIPLE, ",".join(map(str, rounded)))
+    left, right, top, bottom = rounded
+    w, h = image.size
+    mask = fit_to(to_mask(mask), (w, h), "mask") if mask is not None else Image.new("L", (w, h), 0)
+    canvas = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    new_mask = np.full(canvas.shape[:2], 255, dtype=np.uint8)
+    new_mask[top:top + h, left:left + w] = np.asarray(mask)
+    return Image.fromarray(canvas), Image.fromarray(new_mask)
+
+
+def _crop(images, size):
+    return [im.crop((0, 0, *size)) if im.size != tuple(size) else im for im in images]
+
+
+def _encode(model, image, n):
+    """Latents [n, C, h, w] of a PIL image, each copy with its own posterior draw (as officially)."""
+    x = images_to_tensor([image] * n).to(device=model.device, dtype=_dtype(model))
+    return model.get_first_stage_encoding(model.encode_first_stage(x))
+
+
+def _start_code(rng, n, shape, device):
+    """Start noise from a NumPy RandomState, as the official inpainting and upscaling demos draw it."""
+    return torch.from_numpy(rng.randn(n, *shape)).to(device=device, dtype=torch.float32)
+
+
+def _pixels(model, z):
+    """Decoded latents as float [B, 3, H, W] in [0, 1]."""
+    return torch.clamp((model.decode_first_stage(z).float() + 1.0) / 2.0, min=0.0, max=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# inpainting
+
+def inpaint(model, image, mask, prompts, *, negative_prompt="", sampler="ddim", steps=50, scale=7.5, eta=0.0,
+            seed=42, n_samples=1, n_iter=1, precision="autocast", bf16=False, device=None, progress=True,
+            on_batch=None):
+    """Repaint ``image`` (PIL) where ``mask`` (PIL, any mode; white = repaint) is white.
+
+    An inpainting model (9 U-Net input channels) sees the mask and the masked image. A text-to-image
+    model instead samples freely and, before every step, resets the known region to the image's
+    latent noised to that step (latent-diffusion's inpainting); its known pixels are pasted back at
+    the end. A mask of another size is resized to the image with a warning.
+    """
+    family = require_family(model, "inpainting", "txt2img")
+    if family == "txt2img" and sampler == "dpm":
+        raise UserError("inpainting with a text-to-image model needs the DDIM or PLMS sampler, not DPM-Solver")
+    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
+    device = _device(model, device)
+    image = image.convert("RGB")
+    mask = fit_to(to_mask(mask), image.size, "mask")
+    if not np.asarray(mask).any():
+        log.warning("the mask is all black: nothing will be repainted")
+    padded_image = pad_to_multiple(image, size_multiple(model))
+    padded_mask = pad_to_multiple(mask, size_multiple(model))
+    data = batches(prompts, n_samples)
+    sampler_obj = make_sampler(sampler, model)
+    latent_size = latent_size_of(model, padded_image.height, padded_image.width)
+    shape = [model.channels, *latent_size]
+    rng = np.random.RandomState(seed)
+    seed_everything(seed)
+    images = []
+    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+        binary = np.asarray(padded_mask) >= 128   # binarised at 0.5, as the inpainting models see it
+        repaint_image = Image.fromarray(binary.astype(np.uint8) * 255)
+        repaint = torch.from_numpy(binary).float()[None, None].to(device)  # [1, 1, H, W], 1 = repaint
+        for _ in range(n_iter):
+            for batch in data:
+                n = len(batch)
+                x_T = _start_code(rng, n, shape, device)
+                if family == "inpainting":
+                    cond = inpaint_conditioning(model, padded_image, padded_mask, batch, negative_prompt)
+                    samples, _ = sampler_obj.sample(
+                        S=steps, conditioning=cond.cond, batch_size=n, shape=shape, verbose=False, eta=eta,
+                        unconditional_guidance_scale=scale, x_T=x_T, progress=progress,
+                        unconditional_conditioning=cond.uncond if scale != 1.0 else None)
+                    pixels = _pixels(model, samples)
+                else:
+                    pixels = _blend_inpaint(model, sampler_obj, padded_image, repaint, batch, x_T,
+                                            negative_prompt=negative_prompt, steps=steps, scale=scale, eta=eta,
+                                            progress=progress)
+                batch_images = tensor_to_images(pixels)
+                if family == "txt2img":  # the known pixels exactly as they were
+                    batch_images = [Image.composite(im, padded_image, repaint_image) for im in batch_images]
+                batch_images = _crop(batch_images, image.size)
+                if on_batch is not None:
+                    on_batch(batch_images, batch)
+                images.extend(batch_images)
+    return images
+
+
+def _blend_inpaint(model, sampler_obj, image, repaint, prompts, x_T, *, negative_prompt, steps, scale, eta,
+                   progress):
+    """Decoded samples [B, 3, H, W] of a text-to-image model that keeps the known latent region at
+    every step; ``repaint`` [1, 1, H, W] is 1 where to repaint."""
+    n = len(prompts)
+    c, uc = _conditioning(model, prompts, negative_prompt, scale)
+    x0 = _encode(model, image, n)
+    # a latent pixel is repainted when any pixel under it is: the known region never leaks into the hole
+    keep = 1.0 - F.max_pool2d(repaint, kernel_size=vae_factor(model))
+    keep = keep.expand(n, 1, *x0.shape[-2:]).to(x0.dtype)
+    # the sampler's convention: img = q_sample(x0, t) * mask + (1 - mask) * img, so mask = keep
+    samples, _ = sampler_obj.sample(S=steps, conditioning=c, batch_size=n, shape=list(x0.shape[1:]), verbose=False,
+                                    eta=eta, unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                    mask=keep, x0=x0, x_T=x_T, progress=progress)
+    return _pixels(model, keep * x0 + (1.0 - keep) * samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# depth to image
+
+def load_depth_map(image):
+    """A depth image (PIL, any mode; white = near, as MiDaS shows it) -> float [1, 1, H, W] in [0, 1]."""
+    array = np.asarray(image.convert("F") if image.mode in ("I", "I;16", "F") else image.convert("L"),
+                       dtype=np.float32)
+    if image.mode not in ("I", "I;16", "F"):
+        array = array / 255.0
+    return torch.from_numpy(array)[None, None]
+
+
+def depth_to_image(depth, size, visible=None):
+    """Depth [1, 1, h, w] -> "L" image: resized to ``size`` (w, h), cropped to the top-left ``visible``
+    (w, h), then stretched to black (far) .. white (near)."""
+    depth = F.interpolate(depth[:1].float(), size=(size[1], size[0]), mode="bilinear", align_corners=False,
+                          antialias=True)
+    visible = visible or size
+    depth = depth[0, 0, :visible[1], :visible[0]]
+    lo, hi = depth.min(), depth.max()
+    shown = (depth - lo) / (hi - lo) if hi > lo else torch.zeros_like(depth)
+    return Image.fromarray((shown.clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8))
+
+
+def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negative_prompt="", steps=50,
+              scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast", bf16=False, device=None,
+              progress=True, on_batch=None, on_depth=None):
+    """Re-draw ``init_image`` keeping its depth; returns (images, depth image used).
+
+    ``depth_map`` (PIL, white = near) replaces the MiDaS estimate, which needs the checkpoint's
+    ``depth_model.*`` weights. Noising and denoising follow img2img (DDIM, ``strength``).
+    ``on_depth(depth_image)`` is called once the depth is known, before sampling starts.
+    """
+    require_family(model, "depth")
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
+    check_settings(model, sampler="ddim", steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
+    device = _device(model, device)
+    init_image = init_image.convert("RGB")
+    padded = pad_to_multiple(init_image, size_multiple(model))
+    depth = None
+    if depth_map is not None:
+        depth = load_depth_map(pad_to_multiple(fit_to(depth_map, init_image.size, "depth map"),
+                                               size_multiple(model))).to(device)
+    data = batches(prompts, n_samples)
+    sampler_obj = make_sampler("ddim", model)
+    seed_everything(seed)
+    images = []
+    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+        if depth is None:
+            from ldm.modules.midas.api import midas_input
+            pixels = images_to_tensor([padded]).to(device)
+            depth = model.estimate_depth(midas_input(pixels, model.depth_model.model_type))
+        depth_image = depth_to_image(depth, padded.size, init_image.size)
+        if on_depth is not None:
+            on_depth(depth_image)
+        init_latent = _encode(model, padded, max(len(b) for b in data))
+        sampler_obj.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+        t_enc = int(strength * steps)
+        log.info("depth2img: %d of %d DDIM steps (strength %.2f)", t_enc, steps, strength)
+        for _ in range(n_iter):
+            for batch in data:
+                n = len(batch)
+                cond = depth_conditioning(model, batch, image=padded, depth=depth, negative_prompt=negative_prompt)
+                z_enc = sampler_obj.stochastic_encode(
+                    init_latent[:n], torch.tensor([min(t_enc, steps - 1)] * n, device=device))
+                samples = sampler_obj.decode(z_enc, cond.cond, t_enc, unconditional_guidance_scale=scale,
+                                             unconditional_conditioning=cond.uncond, progress=progress)
+                batch_images = _crop(tensor_to_images(_pixels(model, samples)), init_image.size)
+                if on_batch is not None:
+                    on_batch(batch_images, batch)
+                images.extend(batch_images)
+    return images, depth_image
+
+
+# ---------------------------------------------------------------------------------------------
+# x4 upscaling
+
+def noise_level_range(model):
+    """(lowest, highest) noise level the model's augmentation accepts."""
+    augmentor = getattr(model, "low_scale_model", None)
+    if augmentor is None:
+        augmentor = getattr(model, "noise_augmentor", None)
+    if augmentor is None or not hasattr(augmentor, "num_timesteps"):
+        return 0, 0
+    return 0, min(augmentor.max_noise_level, augmentor.num_timesteps - 1)
+
+
+def check_noise_level(model, noise_level):
+    lo, hi = noise_level_range(model)
+    if not isinstance(noise_level, (int, np.integer)) or not lo <= noise_level <= hi:
+        raise UserError(f"noise level {noise_level} is out of range for this model; use a whole number from "
+                        f"{lo} to {hi}")
+
+
+def tile_starts(size, tile, overlap):
+    """Start offsets of tiles of ``tile`` covering ``size`` with at least ``overlap`` in common."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def blend_ramp(length, ramp):
+    """1-D tile weight: rises linearly over ``ramp`` pixels at both ends, never reaches 0."""
+    i = np.arange(length, dtype=np.float32)
+    return np.minimum(1.0, np.minimum(i + 1, length - i) / (ramp + 1))
+
+
+def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overlap=None, negative_prompt="",
+            sampler="ddim", steps=50, scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast",
+            bf16=False, device=None, progress=True, on_batch=None):
+    """Upscale ``low_res`` (PIL) by the model's factor (x4 for the official upscaler).
+
+    Images larger than ``tile`` low-res pixels are cut into overlapping tiles (``tile_overlap``
+    pixels in common), each sampled on its own and decoded; overlaps are blended with linear
+    ramps (default overlap: a quarter of the tile, at most 32). The noised low-res image and the
+    start noise are drawn once for the whole image, so neighbouring tiles start from the same
+    values where they overlap. ``tile=0`` never tiles.
+    """
+    require_family(model, "upscaling")
+    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
+    check_noise_level(model, noise_level)
+    m, f = unet_multiple(model), vae_factor(model)
+    if tile and (tile < m or tile % m):
+        raise UserError(f"tile must be 0 (no tiling) or a positive multiple of {m} low-res pixels, got {tile}")
+    if tile_overlap is None:
+        tile_overlap = min(32, tile // 4)
+    if tile and not 0 <= tile_overlap < tile:
+        raise UserError(f"tile overlap must be from 0 to {tile - 1} pixels, got {tile_overlap}")
+    device = _device(model, device)
+    low_res = low_res.convert("RGB")
+    padded = pad_to_multiple(low_res, m)
+    W, H = padded.size
+    tile_h, tile_w = (min(tile, H), min(tile, W)) if tile else (H, W)
+    grid = [(y, x) for y in tile_starts(H, tile_h, tile_overlap) for x in tile_starts(W, tile_w, tile_overlap)]
+    if len(grid) > 1:
+        log.info("upscaling %dx%d in %d tiles of %dx%d low-res pixels", W, H, len(grid), tile_w, tile_h)
+    weight = torch.from_numpy(np.outer(blend_ramp(tile_h * f, tile_overlap * f), blend_ramp(tile_w * f, tile_overlap * f)))
+    data = batches(prompts, n_samples)
+    sampler_obj = make_sampler(sampler, model)
+    rng = np.random.RandomState(seed)
+    seed_everything(seed)
+    images = []
+    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+        for _ in range(n_iter):
+            for batch in data:
+                n = len(batch)
+                cond = upscale_conditioning(model, padded, batch, noise_level, negative_prompt)
+                x_T = _start_code(rng, n, cond.shape, device)
+                total = torch.zeros(n, 3, H * f, W * f)
+                weights = torch.zeros(1, 1, H * f, W * f)
+                for y, x in grid:
+                    window = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
+                    c, uc = (dict(side, c_concat=[side["c_concat"][0][window]]) for side in (cond.cond, cond.uncond))
+                    samples, _ = sampler_obj.sample(
+                        S=steps, conditioning=c, batch_size=n, shape=[cond.shape[0], tile_h, tile_w], verbose=False,
+                        eta=eta, unconditional_guidance_scale=scale, x_T=x_T[window], progress=progress,
+                        unconditional_conditioning=uc if scale != 1.0 else None)
+                    out = (slice(None), slice(None), slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
+                    total[out] += _pixels(model, samples).cpu() * weight
+                    weights[out] += weight
+                batch_images = _crop(tensor_to_images(total / weights), (low_res.width * f, low_res.height * f))
+                if on_batch is not None:
+                    on_batch(batch_images, batch)
+                images.extend(batch_images)
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# unCLIP image variations
+
+def embedding_width(model):
+    """Width of the CLIP image embedding the model takes (half the U-Net's ``y`` with noise augmentation)."""
+    width = model.model.diffusion_model.label_emb[0][0].in_features
+    return width // 2 if model.noise_augmentor is not None else width
+
+
+def load_embedding(path):
+    """A CLIP image embedding [B, D] from a .pt/.pth/.safetensors file holding one tensor (or one in a dict)."""
+    from ldm.checkpoint import UNREADABLE, read_state_dict
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"embedding file '{path}' does not exist; pass a .pt or .safetensors file")
+    if path.suffix == ".safetensors":
+        tensors = read_state_dict(path)
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except UNREADABLE as err:  # unpickling bad bytes fails with almost any exception type
+            raise UserError(f"embedding file '{path}' cannot be read ({type(err).__name__}); save it with "
+                            f"torch.save(tensor) or safetensors") from None
+    if isinstance(tensors, dict):
+        found = [v for v in tensors.values() if isinstance(v, torch.Tensor)]
+        tensors = found[0] if len(found) == 1 else None
+    if not isinstance(tensors, torch.Tensor) or tensors.ndim not in (1, 2) or tensors.numel() == 0:
+        raise UserError(f"embedding file '{path}' must hold one tensor of shape [D] or [B, D]")
+    return tensors.float().reshape(-1, tensors.shape[-1])
+
+
+def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_level=0, negative_prompt="",
+                      sampler="ddim", steps=50, scale=10.0, eta=0.0, H=None, W=None, seed=42, n_samples=1, n_iter=1,
+                      precision="autocast", bf16=False, device=None, progress=True, on_batch=None):
+    """Variations of ``image`` (PIL) or of a CLIP image ``embedding`` ([D] or [1|B, D] tensor).
+
+    ``noise_level`` noises the embedding first (more = looser variations); the text prompt is
+    optional. Size ``H`` x ``W`` pixels, default the model's native size.
+    """
+    require_family(model, "unclip")
+    if (image is None) == (embedding is None):
+        raise UserError("unCLIP variations need exactly one of an image or an image embedding")
+    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
+    check_noise_level(model, noise_level)
+    device = _device(model, device)
+    native_h, native_w = native_size(model)
+    H, W = H or native_h, W or native_w
+    latent_size = latent_size_of(model, H, W, what="the requested size")
+    if embedding is not None:
+        embedding = torch.as_tensor(embedding, dtype=torch.float32)
+        if embedding.shape[-1] != embedding_width(model):
+            raise UserError(f"the embedding has width {embedding.shape[-1]} but this model takes "
+                            f"{embedding_width(model)}; use an embedding from the model's own CLIP image encoder")
+        embedding = embedding.reshape(-1, embedding.shape[-1])
+    data = batches(prompts, n_samples)
+    sampler_obj = make_sampler(sampler, model)
+    seed_everything(seed)
+    images = []
+    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+        if image is not None:
+            embedding = model.embed_images(images_to_tensor([image.convert("RGB")]).to(device))
+        for _ in range(n_iter):
+            for batch in data:
+                n = len(batch)
+                cond = unclip_conditioning(model, batch, embedding=embedding[:n] if len(embedding) > 1 else embedding,
+                                           noise_level=noise_level, negative_prompt=negative_prompt, size=(H, W))
+                samples, _ = sampler_obj.sample(
+                    S=steps, conditioning=cond.cond, batch_size=n, shape=[model.channels, *latent_size],
+                    verbose=False, eta=eta, unconditional_guidance_scale=scale, progress=progress,
+                    unconditional_conditioning=cond.uncond if scale != 1.0 else None)
+                batch_images = tensor_to_images(_pixels(model, samples))
+                if on_batch is not None:
+                    on_batch(batch_images, batch)
+                images.extend(batch_images)
+    return images

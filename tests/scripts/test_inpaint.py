@@ -1,0 +1,97 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import file_hash
+from ldm.image_io import read_parameters
+
+
+def model_flags(files):
+    return ["--ckpt", str(files.ckpt), "--config", str(files.config), "--device", "cpu"]
+
+
+def variant_configs():
+    path = Path(__file__).resolve().parents[1] / "models" / "diffusion" / "test_variants.py"
+    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def inpaint_files(tiny, tmp_path_factory):
+    """A tiny 9-channel inpainting checkpoint and its config."""
+    folder = tmp_path_factory.mktemp("tiny_inpaint")
+    config = variant_configs().inpaint_config(tiny)
+    model = tiny.build(config)
+    torch.save({"state_dict": model.state_dict()}, folder / "inpaint.ckpt")
+    tiny.write_config(config, folder / "inpaint.yaml")
+    return type("Files", (), {"ckpt": folder / "inpaint.ckpt", "config": folder / "inpaint.yaml"})
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A 20x12 image and a twice-as-large RGBA mask (transparent = keep) over x 4..12, y 2..8."""
+    image = (np.random.RandomState(0).rand(12, 20, 3) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "init.png")
+    mask = np.full((24, 40, 4), 255, dtype=np.uint8)
+    mask[..., 3] = 0
+    mask[4:16, 8:24, 3] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path / "init.png", tmp_path / "mask.png", image
+
+
+def test_blend_inpainting_with_a_txt2img_model(scripts, tiny_files, tmp_path, inputs):
+    init, mask, image = inputs
+    out = tmp_path / "out"
+    result = scripts.run("inpaint", [*model_flags(tiny_files), "--init-img", str(init), "--mask", str(mask),
+                                     "--prompt", "a red circle", "--steps", "2", "--n_samples", "2",
+                                     "--outdir", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "mask is 40x24 but the image is 20x12; resizing" in result.stderr
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert (out / "grid-0000.png").is_file()
+    params = read_parameters(out / "samples" / "00001.png")
+    assert params["prompt"] == "a red circle" and params["size"] == "20x12" and params["steps"] == "2"
+    assert params["model_hash"] == file_hash(tiny_files.ckpt)
+    got = np.asarray(Image.open(out / "samples" / "00000.png"))
+    keep = np.ones(image.shape[:2], dtype=bool)
+    keep[2:8, 4:12] = False
+    assert np.array_equal(got[keep], image[keep])     # too small to watermark: pixels are exact
+
+
+def test_inpainting_model_and_outpaint(scripts, inpaint_files, tmp_path, inputs, capsys, caplog):
+    inpaint = scripts.load("inpaint")
+    init, mask, _ = inputs
+    out = tmp_path / "out"
+    assert inpaint.main([*model_flags(inpaint_files), "--init-img", str(init), "--outpaint", "0,5,8,0",
+                         "--steps", "2", "--n_samples", "1", "--dpm", "--outdir", str(out)]) == 0
+    assert "rounded up to multiples of 8: 0,8,8,0" in caplog.text
+    with Image.open(out / "samples" / "00000.png") as result:
+        assert result.size == (28, 20)
+    assert read_parameters(out / "samples" / "00000.png")["sampler"] == "dpm"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "the following arguments are required: --init-img"),
+    (["--init-img", "missing.png", "--mask", "{mask}"], "init image 'missing.png' does not exist"),
+    (["--init-img", "{init}"], "pass --mask (white = repaint) or --outpaint"),
+    (["--init-img", "{init}", "--mask", "nope.png"], "mask 'nope.png' does not exist"),
+    (["--init-img", "{init}", "--outpaint", "1,2,3"], "--outpaint takes four whole numbers"),
+    (["--init-img", "{init}", "--outpaint", "0,0,-8,0"], "--outpaint takes four whole numbers"),
+    (["--init-img", "{init}", "--mask", "{bad}"], "cannot be read"),
+    (["--init-img", "{init}", "--mask", "{mask}", "--dpm"], "DDIM or PLMS"),
+])
+def test_impossible_flags(scripts, tiny_files, tmp_path, capsys, inputs, flags, message):
+    inpaint = scripts.load("inpaint")
+    init, mask, _ = inputs
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    flags = [f.format(init=init, mask=mask, bad=tmp_path / "bad.png") for f in flags]
+    assert inpaint.main([*model_flags(tiny_files), "--steps", "2", "--outdir", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not any((tmp_path / "out").rglob("*.png"))
