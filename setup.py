@@ -29,5 +29,10 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # The web demos (scripts/gradio/). gradio 6.17.3 is the newest whose huggingface_hub range
+        # still allows transformers 4.57's (<1.0); every gradio 6 release needs pillow<13.
+        "web": ["gradio==6.17.3"],
+    },
 )

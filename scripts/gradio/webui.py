@@ -1,0 +1,114 @@
+"""What the web demos share: flags, loading a model of the right family, the prompt and sampling
+controls, watermarking, errors shown in the page, and serving on 127.0.0.1.
+
+Each demo is one command, e.g. ``python scripts/gradio/txt2img.py [--ckpt --config --port]``;
+without --ckpt/--config the shipped default model is used where the family allows it.
+"""
+import functools
+
+from ldm.cli import (OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, ArgumentParser, load_model_for, run, setup_logging,
+                     uses_shipped_model)
+from ldm.errors import UserError
+from ldm.generate import MAX_SEED
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def import_gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("the web demos need gradio: pip install -e '.[web]'") from None
+    return gradio
+
+
+def parse_args(description, argv):
+    parser = ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--ckpt", type=str, default=None, help="checkpoint .ckpt/.safetensors (default: the shipped model)")
+    add("--config", type=str, default=None, help="model config .yaml (default: the shipped model's)")
+    add("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
+    add("--host", type=str, default=DEFAULT_HOST,
+        help=f"address to serve on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes the demo)")
+    add("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
+    add("--no-watermark", action="store_true", help="do not embed the invisible watermark")
+    add("--verbose", action="store_true", help="log details")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be from 1 to 65535, got {args.port}")
+    return args
+
+
+def load_model(args, families, example):
+    """The model of --ckpt/--config (or the shipped one), refused unless it is one of ``families``."""
+    from ldm.generate_variants import FAMILY_NAMES, require_family
+    if "txt2img" not in families and uses_shipped_model(args.ckpt, args.config):
+        wanted = " or ".join(FAMILY_NAMES[f] for f in families)
+        raise UserError(f"this demo needs {wanted} model and the shipped model is text-to-image; "
+                        f"pass e.g. {example}")
+    model = load_model_for(args)
+    require_family(model, *families)
+    return model
+
+
+def model_defaults(args):
+    return SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
+
+
+def sampling_controls(gr, model, args, scale=None, prompt=None):
+    """Prompt, negative prompt, steps, guidance scale, seed and number of images, in that order."""
+    defaults = model_defaults(args)
+    controls = [gr.Textbox(label="Prompt", value=defaults["prompt"] if prompt is None else prompt, lines=2),
+                gr.Textbox(label="Negative prompt", value="")]
+    with gr.Accordion("Sampling options", open=False):
+        controls += [
+            gr.Slider(1, min(250, model.num_timesteps), value=defaults["steps"], step=1, label="Steps"),
+            gr.Slider(1.0, 30.0, value=defaults["scale"] if scale is None else scale, step=0.1,
+                      label="Guidance scale"),
+            gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
+            gr.Slider(1, 4, value=1, step=1, label="Images"),
+        ]
+    return controls
+
+
+def settings(prompt, negative_prompt, steps, scale, seed, n_samples):
+    """The values of :func:`sampling_controls` as library keyword arguments."""
+    if seed is None:
+        raise UserError("enter a seed (a whole number)")
+    return dict(prompts=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps), scale=float(scale),
+                seed=int(seed), n_samples=int(n_samples))
+
+
+def shown_in_page(fn):
+    """Run a demo handler; a UserError appears in the page as an error message."""
+    gr = import_gradio()
+
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+    return handler
+
+
+def watermarked(images, args):
+    from ldm.image_io import make_watermarker, put_watermark
+    encoder = make_watermarker(args.no_watermark)
+    return [put_watermark(image, encoder) for image in images]
+
+
+def serve(build, argv, description):
+    """Parse flags, build the demo with ``build(args)`` and serve it until interrupted."""
+    def body(argv):
+        args = parse_args(description, argv)
+        setup_logging(args.verbose)
+        import_gradio()
+        demo = build(args)
+        demo.queue(default_concurrency_limit=1)
+        print(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+        demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,
+                    ssr_mode=False, quiet=True)
+        return 0
+    return run(body, argv)
