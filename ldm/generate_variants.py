@@ -331,6 +331,29 @@ def blend_ramp(length, ramp):
     return np.minimum(1.0, np.minimum(i + 1, length - i) / (ramp + 1))
 
 
+class Tiles:
+    """Overlapping tiles over an [H, W] low-res image and their places in the ``factor`` times larger
+    output. Iterating yields (low-res index, output index) pairs for [B, C, H, W] tensors; each
+    tile's output is weighted by ``weight`` and the sum divided by ``total_weight``."""
+
+    def __init__(self, H, W, tile, overlap, factor):
+        self.h, self.w = min(tile, H), min(tile, W)
+        self.starts = [(y, x) for y in tile_starts(H, self.h, overlap) for x in tile_starts(W, self.w, overlap)]
+        self.factor = factor
+        ramp = overlap * factor
+        self.weight = torch.from_numpy(np.outer(blend_ramp(self.h * factor, ramp), blend_ramp(self.w * factor, ramp)))
+        self.total_weight = torch.zeros(1, 1, H * factor, W * factor)
+        for _, high in self:
+            self.total_weight[high] += self.weight
+
+    def __iter__(self):
+        f = self.factor
+        for y, x in self.starts:
+            low = (slice(None), slice(None), slice(y, y + self.h), slice(x, x + self.w))
+            high = (slice(None), slice(None), slice(y * f, (y + self.h) * f), slice(x * f, (x + self.w) * f))
+            yield low, high
+
+
 def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overlap=None, negative_prompt="",
             sampler="ddim", steps=50, scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast",
             bf16=False, device=None, progress=True, on_batch=None):
@@ -356,11 +379,9 @@ def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overla
     low_res = low_res.convert("RGB")
     padded = pad_to_multiple(low_res, m)
     W, H = padded.size
-    tile_h, tile_w = (min(tile, H), min(tile, W)) if tile else (H, W)
-    grid = [(y, x) for y in tile_starts(H, tile_h, tile_overlap) for x in tile_starts(W, tile_w, tile_overlap)]
-    if len(grid) > 1:
-        log.info("upscaling %dx%d in %d tiles of %dx%d low-res pixels", W, H, len(grid), tile_w, tile_h)
-    weight = torch.from_numpy(np.outer(blend_ramp(tile_h * f, tile_overlap * f), blend_ramp(tile_w * f, tile_overlap * f)))
+    tiles = Tiles(H, W, tile or max(H, W), tile_overlap, f)
+    if len(tiles.starts) > 1:
+        log.info("upscaling %dx%d in %d tiles of %dx%d low-res pixels", W, H, len(tiles.starts), tiles.w, tiles.h)
     data = batches(prompts, n_samples)
     sampler_obj = make_sampler(sampler, model)
     rng = np.random.RandomState(seed)
@@ -372,19 +393,16 @@ def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overla
                 n = len(batch)
                 cond = upscale_conditioning(model, padded, batch, noise_level, negative_prompt)
                 x_T = _start_code(rng, n, cond.shape, device)
-                total = torch.zeros(n, 3, H * f, W * f)
-                weights = torch.zeros(1, 1, H * f, W * f)
-                for y, x in grid:
-                    window = (slice(None), slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
-                    c, uc = (dict(side, c_concat=[side["c_concat"][0][window]]) for side in (cond.cond, cond.uncond))
+                out = torch.zeros(n, 3, H * f, W * f)
+                for low, high in tiles:
+                    c, uc = (dict(side, c_concat=[side["c_concat"][0][low]]) for side in (cond.cond, cond.uncond))
                     samples, _ = sampler_obj.sample(
-                        S=steps, conditioning=c, batch_size=n, shape=[cond.shape[0], tile_h, tile_w], verbose=False,
-                        eta=eta, unconditional_guidance_scale=scale, x_T=x_T[window], progress=progress,
+                        S=steps, conditioning=c, batch_size=n, shape=[cond.shape[0], tiles.h, tiles.w], verbose=False,
+                        eta=eta, unconditional_guidance_scale=scale, x_T=x_T[low], progress=progress,
                         unconditional_conditioning=uc if scale != 1.0 else None)
-                    out = (slice(None), slice(None), slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
-                    total[out] += _pixels(model, samples).cpu() * weight
-                    weights[out] += weight
-                batch_images = _crop(tensor_to_images(total / weights), (low_res.width * f, low_res.height * f))
+                    out[high] += _pixels(model, samples).cpu() * tiles.weight
+                batch_images = tensor_to_images(out / tiles.total_weight)
+                batch_images = _crop(batch_images, (low_res.width * f, low_res.height * f))
                 if on_batch is not None:
                     on_batch(batch_images, batch)
                 images.extend(batch_images)
