@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoint import file_hash
+from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, file_hash
 from ldm.image_io import read_parameters
 
 
@@ -95,3 +95,22 @@ def test_impossible_flags(scripts, tiny_files, tmp_path, capsys, inputs, flags, 
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not any((tmp_path / "out").rglob("*.png"))
+
+
+SHIPPED = REPO_ROOT / DEFAULT_CKPT
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model is not in models/shapes/ yet")
+def test_shipped_model_is_the_default(scripts, tmp_path):
+    inpaint = scripts.load("inpaint")
+    image = np.full((64, 64, 3), 255, dtype=np.uint8)
+    image[8:24, 8:24] = (220, 30, 30)
+    Image.fromarray(image).save(tmp_path / "init.png")
+    Image.fromarray(np.pad(np.full((32, 32), 255, dtype=np.uint8), ((24, 8), (24, 8)))).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    assert inpaint.main(["--init-img", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "5",
+                         "--n_samples", "1", "--device", "cpu", "--outdir", str(out)]) == 0
+    params = read_parameters(out / "samples" / "00000.png")
+    assert params["model_hash"] == file_hash(SHIPPED) and params["scale"] == "3.0"
+    got = np.asarray(Image.open(out / "samples" / "00000.png"))
+    assert np.array_equal(got[:24], image[:24]) and np.array_equal(got[:, :24], image[:, :24])
