@@ -224,13 +224,12 @@ def _blend_inpaint(model, sampler_obj, image, repaint, prompts, x_T, *, negative
 # ---------------------------------------------------------------------------------------------
 # depth to image
 
-def load_depth_map(image):
-    """A depth image (PIL, any mode; white = near, as MiDaS shows it) -> float [1, 1, H, W] in [0, 1]."""
-    array = np.asarray(image.convert("F") if image.mode in ("I", "I;16", "F") else image.convert("L"),
-                       dtype=np.float32)
-    if image.mode not in ("I", "I;16", "F"):
-        array = array / 255.0
-    return torch.from_numpy(array)[None, None]
+def depth_map_tensor(image):
+    """A depth image (PIL, any mode, 16-bit too; white = near, as MiDaS shows it) -> float [1, 1, H, W].
+
+    Only relative values matter: the model and the saved depth image normalise each map to its range.
+    """
+    return torch.from_numpy(np.asarray(image.convert("F"), dtype=np.float32).copy())[None, None]
 
 
 def depth_to_image(depth, size, visible=None):
@@ -263,8 +262,8 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negat
     padded = pad_to_multiple(init_image, size_multiple(model))
     depth = None
     if depth_map is not None:
-        depth = load_depth_map(pad_to_multiple(fit_to(depth_map, init_image.size, "depth map"),
-                                               size_multiple(model))).to(device)
+        depth_map = fit_to(depth_map.convert("F"), init_image.size, "depth map")
+        depth = depth_map_tensor(pad_to_multiple(depth_map, size_multiple(model))).to(device)
     data = batches(prompts, n_samples)
     sampler_obj = make_sampler("ddim", model)
     seed_everything(seed)

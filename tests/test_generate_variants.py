@@ -161,13 +161,15 @@ def depth_model(tiny):
     return tiny.build(VARIANTS.depth_config(tiny))   # MiDaS without weights: depth maps must be given
 
 
-def test_depth2img_with_a_depth_map(depth_model):
-    gradient = Image.fromarray(np.tile(np.linspace(0, 255, 16).astype(np.uint8), (16, 1)))
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.uint16, 65535)])   # 8- and 16-bit depth images
+def test_depth2img_with_a_depth_map(depth_model, dtype, top):
+    gradient = np.tile(np.linspace(100, top, 16), (16, 1)).astype(dtype)
     shown = []
-    out, depth = gv.depth2img(depth_model, rgb(16, 16), "a", depth_map=gradient, strength=0.5, on_depth=shown.append,
-                              **STEPS)
+    out, depth = gv.depth2img(depth_model, rgb(16, 16), "a", depth_map=Image.fromarray(gradient), strength=0.5,
+                              on_depth=shown.append, **STEPS)
     assert out[0].size == (16, 16) and shown == [depth]
-    assert np.abs(np.asarray(depth, dtype=int) - np.asarray(gradient, dtype=int)).max() <= 1
+    stretched = 255 * (gradient - 100.0) / (top - 100.0)
+    assert np.abs(np.asarray(depth, dtype=float) - stretched).max() <= 0.51
 
 
 def test_depth2img_without_depth_weights_asks_for_a_depth_map(depth_model):
