@@ -112,20 +112,29 @@ class DDIMSampler:
         for i, step in enumerate(tqdm(time_range, desc="DDIM Sampler", total=total_steps, disable=not progress)):
             index = total_steps - i - 1
             ts = torch.full((b,), int(step), device=self.device, dtype=torch.long)
-            if mask is not None:
-                assert x0 is not None
-                img_orig = self.model.q_sample(x0, ts)  # known region, noised to this step
-                img = img_orig * mask + (1. - mask) * img
+            img = self._keep_known(img, ts, mask, x0)
             img, pred_x0 = self._step(guided, img, ts, index, use_original_steps=ddim_use_original_steps,
                                       temperature=temperature, noise_dropout=noise_dropout)
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total_steps - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
+            self._report(i, index, total_steps, img, pred_x0, intermediates, callback, img_callback, log_every_t)
         return img, intermediates
+
+    def _keep_known(self, img, ts, mask, x0):
+        """Inpainting by blending: where ``mask`` is 1 the known ``x0``, noised to this step, replaces the sample."""
+        if mask is None:
+            return img
+        assert x0 is not None, "mask needs x0 (the known latent)"
+        img_orig = self.model.q_sample(x0, ts)  # draws fresh noise, as officially
+        return img_orig * mask + (1. - mask) * img
+
+    @staticmethod
+    def _report(i, index, total_steps, img, pred_x0, intermediates, callback, img_callback, log_every_t):
+        if callback:
+            callback(i)
+        if img_callback:
+            img_callback(pred_x0, i)
+        if index % log_every_t == 0 or index == total_steps - 1:
+            intermediates["x_inter"].append(img)
+            intermediates["pred_x0"].append(pred_x0)
 
     @torch.no_grad()
     def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,

@@ -61,21 +61,12 @@ class PLMSSampler(DDIMSampler):
             ts = torch.full((b,), int(step), device=self.device, dtype=torch.long)
             ts_next = torch.full((b,), int(time_range[min(i + 1, len(time_range) - 1)]), device=self.device,
                                  dtype=torch.long)
-            if mask is not None:
-                assert x0 is not None
-                img_orig = self.model.q_sample(x0, ts)
-                img = img_orig * mask + (1. - mask) * img
+            img = self._keep_known(img, ts, mask, x0)
             img, pred_x0, e_t = self._plms_step(guided, img, ts, ts_next, index, old_eps, temperature, noise_dropout)
             old_eps.append(e_t)
             if len(old_eps) >= 4:
                 old_eps.pop(0)
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total_steps - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
+            self._report(i, index, total_steps, img, pred_x0, intermediates, callback, img_callback, log_every_t)
         return img, intermediates
 
     def _plms_step(self, guided, x, t, t_next, index, old_eps, temperature=1., noise_dropout=0.):
