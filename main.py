@@ -208,7 +208,8 @@ def build_callbacks(lightning_config, model, ckptdir, setup_callback):
     monitor = checkpoint_monitor(model)
     if monitor:
         logger.info("monitoring %s as checkpoint metric", monitor)
-        modelckpt["params"].update(monitor=monitor, save_top_k=3)
+        # the step in the name keeps the best three of one long epoch apart (epoch=000000-v1.ckpt says nothing)
+        modelckpt["params"].update(monitor=monitor, save_top_k=3, filename="{epoch:06}-{step:07}")
     defaults = {
         "image_logger": {"target": "ldm.callbacks.ImageLogger",
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},

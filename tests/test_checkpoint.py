@@ -232,8 +232,8 @@ def test_default_model_missing(monkeypatch, tmp_path):
 
 def test_default_model_is_used_when_present(monkeypatch, tmp_path, tiny_files):
     monkeypatch.setattr(checkpoint, "REPO_ROOT", tmp_path)
-    (tmp_path / checkpoint.DEFAULT_CKPT).parent.mkdir(parents=True)
-    (tmp_path / checkpoint.DEFAULT_CONFIG).parent.mkdir(parents=True)
+    for path in (checkpoint.DEFAULT_CKPT, checkpoint.DEFAULT_CONFIG):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / checkpoint.DEFAULT_CKPT).write_bytes(tiny_files.safetensors.read_bytes())
     (tmp_path / checkpoint.DEFAULT_CONFIG).write_text(tiny_files.config.read_text())
     model = load_model(device="cpu")
