@@ -22,8 +22,10 @@ SAMPLE_PATTERN = re.compile(r"^(\d{5})\.png$")
 GRID_PATTERN = re.compile(r"^grid-(\d{4})\.png$")
 WATERMARK = b"SDV2"
 # (label in the text chunk, key in the parameters dict), in the order written
+# (labels as the popular web UIs write them, so their readers parse ours)
 PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "scale"),
-                    ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"))
+                    ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"), ("Eta", "eta"),
+                    ("Denoising strength", "strength"), ("Noise level", "noise_level"))
 
 
 def tensor_to_images(x):

@@ -41,7 +41,8 @@ def _main(argv):
     model = load_model_for(args)
     check_latent_flags(args, model)
     parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler="ddim",
-                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args))
+                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
+                      eta=args.ddim_eta or None, strength=args.strength)
     saver = Saver(args, parameters)
     try:
         img2img(model, init_image, prompts, strength=args.strength,

@@ -42,7 +42,7 @@ def _main(argv):
     check_latent_flags(args, model)
     parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps,
                       sampler=sampler_name(args), scale=args.scale, seed=args.seed,
-                      model_hash=model_hash_for(args))
+                      model_hash=model_hash_for(args), eta=args.ddim_eta or None)
     saver = Saver(args, parameters)
     try:
         txt2img(model, prompts, negative_prompt=args.negative_prompt, sampler=sampler_name(args),

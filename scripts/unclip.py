@@ -57,7 +57,8 @@ def _main(argv):
     check_noise_level(model, args.noise_level)
     check_latent_flags(args, model)
     parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler_name(args),
-                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args))
+                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
+                      noise_level=args.noise_level)
     saver = Saver(args, parameters)
     try:
         unclip_variations(model, prompts, image=image, embedding=embedding, noise_level=args.noise_level,

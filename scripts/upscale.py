@@ -53,7 +53,8 @@ def _main(argv):
     check_noise_level(model, args.noise_level)
     check_latent_flags(args, model)
     parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler_name(args),
-                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args))
+                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
+                      noise_level=args.noise_level)
     saver = Saver(args, parameters)
     try:
         upscale(model, low_res, prompts, noise_level=args.noise_level, tile=args.tile,

@@ -32,6 +32,7 @@ def test_img2img_subprocess_writes_samples_and_grid(scripts, tiny_files, tmp_pat
         assert image.size == (64, 64)
     params = read_parameters(out / "samples" / "00001.png")
     assert params["prompt"] == "a red circle" and params["size"] == "64x64"
+    assert params["strength"] == "0.5" and "eta" not in params  # eta 0 is the default, left out
 
 
 def test_img2img_subprocess_bad_strength_is_one_line(scripts, tiny_files, tmp_path, init_png):

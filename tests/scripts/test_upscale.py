@@ -50,6 +50,7 @@ def test_upscale_subprocess_tiles_and_writes_samples(scripts, upscale_files, tmp
         assert image.size == (28, 20)
     params = read_parameters(out / "samples" / "00000.png")
     assert params["prompt"] == "" and params["size"] == "28x20" and params["scale"] == "9.0"
+    assert params["noise_level"] == "50"
 
 
 @pytest.mark.parametrize("flags, message", [
