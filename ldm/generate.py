@@ -112,7 +112,7 @@ def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter):
         raise UserError(f"guidance scale must be a finite number, got {scale}")
 
 
-def _conditioning(model, prompts, negative_prompt, scale):
+def text_conditioning(model, prompts, negative_prompt, scale):
     """(cond, uncond); uncond only when guidance is on (scale != 1), as officially."""
     uc = None
     if scale != 1.0:
@@ -125,12 +125,12 @@ def _decode(model, z):
     return tensor_to_images(torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0))
 
 
-def _ema_scope(model):
+def ema_weights(model):
     scope = getattr(model, "ema_scope", None)
     return scope() if scope is not None else nullcontext()
 
 
-def _device(model, device):
+def checked_device(model, device):
     own = model_device(model)
     if device is not None and torch.device(device).type != own.type:
         raise UserError(f"the model is on {own} but {device} was asked for; load it there")
@@ -151,7 +151,7 @@ def txt2img(model, prompts, *, negative_prompt="", sampler="ddim", steps=50, sca
     """
     check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta,
                    n_samples=n_samples, n_iter=n_iter)
-    device = _device(model, device)
+    device = checked_device(model, device)
     f, C = latent_factor(model), latent_channels(model)
     native_h, native_w = native_size(model)
     H, W = H or native_h, W or native_w
@@ -168,10 +168,10 @@ def txt2img(model, prompts, *, negative_prompt="", sampler="ddim", steps=50, sca
         start_code = torch.randn([n_samples, *shape], device=device)
 
     images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
         for _ in range(n_iter):
             for batch in data:
-                c, uc = _conditioning(model, batch, negative_prompt, scale)
+                c, uc = text_conditioning(model, batch, negative_prompt, scale)
                 samples, _ = sampler_obj.sample(
                     S=steps, conditioning=c, batch_size=len(batch), shape=shape, verbose=False,
                     unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=eta,
@@ -211,7 +211,7 @@ def img2img(model, init_image, prompts, *, strength=0.75, negative_prompt="", sa
         raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
     check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta,
                    n_samples=n_samples, n_iter=n_iter)
-    device = _device(model, device)
+    device = checked_device(model, device)
     init_image = resize_to_multiple(init_image.convert("RGB"), 64)
     data = batches(prompts, n_samples)
     batch_size = max(len(b) for b in data)
@@ -219,16 +219,16 @@ def img2img(model, init_image, prompts, *, strength=0.75, negative_prompt="", sa
 
     seed_everything(seed)
     images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
         # the official script encodes the repeated image, so each copy gets its own posterior draw
-        init = images_to_tensor([init_image] * batch_size).to(device=device, dtype=_dtype(model))
+        init = images_to_tensor([init_image] * batch_size).to(device=device, dtype=model_dtype(model))
         init_latent = model.get_first_stage_encoding(model.encode_first_stage(init))
         sampler_obj.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
         t_enc = int(strength * steps)
         log.info("img2img: %d of %d DDIM steps (strength %.2f)", t_enc, steps, strength)
         for _ in range(n_iter):
             for batch in data:
-                c, uc = _conditioning(model, batch, negative_prompt, scale)
+                c, uc = text_conditioning(model, batch, negative_prompt, scale)
                 n = len(batch)
                 # the official script indexes past the schedule at strength 1.0 and crashes;
                 # noising to the last DDIM step instead keeps every other strength as it was
@@ -243,5 +243,5 @@ def img2img(model, init_image, prompts, *, strength=0.75, negative_prompt="", sa
     return images
 
 
-def _dtype(model):
+def model_dtype(model):
     return model.first_stage_model.encoder.conv_in.weight.dtype

@@ -22,8 +22,8 @@ from PIL import Image
 from ldm.conditioning import (depth_conditioning, inpaint_conditioning, latent_size_of, unclip_conditioning,
                               unet_multiple, upscale_conditioning, vae_factor)
 from ldm.errors import UserError
-from ldm.generate import (_conditioning, _device, _dtype, _ema_scope, batches, check_settings, make_sampler,
-                          native_size, precision_scope, seed_everything)
+from ldm.generate import (batches, check_settings, checked_device, ema_weights, make_sampler, model_dtype,
+                          native_size, precision_scope, seed_everything, text_conditioning)
 from ldm.image_io import images_to_tensor, tensor_to_images
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def _crop(images, size):
 
 def _encode(model, image, n):
     """Latents [n, C, h, w] of a PIL image, each copy with its own posterior draw (as officially)."""
-    x = images_to_tensor([image] * n).to(device=model.device, dtype=_dtype(model))
+    x = images_to_tensor([image] * n).to(device=model.device, dtype=model_dtype(model))
     return model.get_first_stage_encoding(model.encode_first_stage(x))
 
 
@@ -161,7 +161,7 @@ def inpaint(model, image, mask, prompts, *, negative_prompt="", sampler="ddim", 
     if family == "txt2img" and sampler == "dpm":
         raise UserError("inpainting with a text-to-image model needs the DDIM or PLMS sampler, not DPM-Solver")
     check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
-    device = _device(model, device)
+    device = checked_device(model, device)
     image = image.convert("RGB")
     mask = fit_to(to_mask(mask), image.size, "mask")
     if not np.asarray(mask).any():
@@ -175,7 +175,7 @@ def inpaint(model, image, mask, prompts, *, negative_prompt="", sampler="ddim", 
     rng = np.random.RandomState(seed)
     seed_everything(seed)
     images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
         binary = np.asarray(padded_mask) >= 128   # binarised at 0.5, as the inpainting models see it
         repaint_image = Image.fromarray(binary.astype(np.uint8) * 255)
         repaint = torch.from_numpy(binary).float()[None, None].to(device)  # [1, 1, H, W], 1 = repaint
@@ -209,7 +209,7 @@ def _blend_inpaint(model, sampler_obj, image, repaint, prompts, x_T, *, negative
     """Decoded samples [B, 3, H, W] of a text-to-image model that keeps the known latent region at
     every step; ``repaint`` [1, 1, H, W] is 1 where to repaint."""
     n = len(prompts)
-    c, uc = _conditioning(model, prompts, negative_prompt, scale)
+    c, uc = text_conditioning(model, prompts, negative_prompt, scale)
     x0 = _encode(model, image, n)
     # a latent pixel is repainted when any pixel under it is: the known region never leaks into the hole
     keep = 1.0 - F.max_pool2d(repaint, kernel_size=vae_factor(model))
@@ -257,7 +257,7 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negat
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
     check_settings(model, sampler="ddim", steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
-    device = _device(model, device)
+    device = checked_device(model, device)
     init_image = init_image.convert("RGB")
     padded = pad_to_multiple(init_image, size_multiple(model))
     depth = None
@@ -268,7 +268,7 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negat
     sampler_obj = make_sampler("ddim", model)
     seed_everything(seed)
     images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
         if depth is None:
             from ldm.modules.midas.api import midas_input
             pixels = images_to_tensor([padded]).to(device)
@@ -374,7 +374,7 @@ def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overla
         tile_overlap = min(32, tile // 4)
     if tile and not 0 <= tile_overlap < tile:
         raise UserError(f"tile overlap must be from 0 to {tile - 1} pixels, got {tile_overlap}")
-    device = _device(model, device)
+    device = checked_device(model, device)
     low_res = low_res.convert("RGB")
     padded = pad_to_multiple(low_res, m)
     W, H = padded.size
@@ -386,7 +386,7 @@ def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overla
     rng = np.random.RandomState(seed)
     seed_everything(seed)
     images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
         for _ in range(n_iter):
             for batch in data:
                 n = len(batch)
@@ -452,7 +452,7 @@ def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_le
         raise UserError("unCLIP variations need exactly one of an image or an image embedding")
     check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
     check_noise_level(model, noise_level)
-    device = _device(model, device)
+    device = checked_device(model, device)
     native_h, native_w = native_size(model)
     H, W = H or native_h, W or native_w
     latent_size = latent_size_of(model, H, W, what="the requested size")
@@ -466,7 +466,7 @@ def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_le
     sampler_obj = make_sampler(sampler, model)
     seed_everything(seed)
     images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), _ema_scope(model):
+    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
         if image is not None:
             embedding = model.embed_images(images_to_tensor([image.convert("RGB")]).to(device))
         for _ in range(n_iter):
