@@ -17,9 +17,10 @@ INSTALL_REQUIRES = [
     "invisible-watermark==0.2.0",
     "timm==1.0.31",
     "kornia==0.9.0",
-    "tqdm",
-    "numpy",
-    "pillow<14",
+    "tqdm==4.70.1",
+    "numpy==2.4.6",
+    # every gradio 6 release (the "web" extra) needs pillow<13: one Pillow for every install
+    "pillow==12.3.0",
 ]
 
 setup(
@@ -30,9 +31,9 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest==9.0.3"],
         # The web demos (scripts/gradio/). gradio 6.17.3 is the newest whose huggingface_hub range
-        # still allows transformers 4.57's (<1.0); every gradio 6 release needs pillow<13.
+        # still allows transformers 4.57's (<1.0).
         "web": ["gradio==6.17.3"],
     },
 )
