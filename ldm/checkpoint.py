@@ -265,7 +265,7 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None):
     report.loaded = len(usable)
 
     if strict and not report.ok:
-        raise UserError(_mismatch_message(report, sd, config_name))
+        raise UserError(_mismatch_message(report, sd, own, config_name))
     model.load_state_dict(usable, strict=False)
 
     if report.ignored:
@@ -281,7 +281,15 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None):
     return report
 
 
-def _mismatch_message(report, sd, config_name):
+def _absent_modules(missing, sd):
+    """The submodules (``depth_model.*``, ``embedder.*``) of which the checkpoint has no tensor at all."""
+    prefixes = sorted({k.split(".", 1)[0] for k in missing})
+    present = {k.split(".", 1)[0] for k in sd}
+    absent = [p for p in prefixes if p not in present]
+    return [f"{p}.*" for p in absent] if len(absent) == len(prefixes) else []
+
+
+def _mismatch_message(report, sd, own, config_name):
     tried = f"config '{config_name}'" if config_name else "the config"
     counts = ", ".join(f"{len(v)} {name}" for name, v in (
         ("missing", report.missing), ("unexpected", report.unexpected),
@@ -291,8 +299,15 @@ def _mismatch_message(report, sd, config_name):
         return f"{tried} sets use_ema but this checkpoint has no EMA weights ({counts}); " \
                f"set use_ema: False in the config"
     advice = suggest_config({k: tuple(v.shape) for k, v in sd.items()})
+    if advice == suggest_config({k: tuple(v.shape) for k, v in own.items()}):
+        advice = None  # checkpoint and model are of one family: what the checkpoint lacks says more
     if advice:
         return f"{tried} does not fit this checkpoint ({counts}); {advice}"
+    absent = _absent_modules(report.missing, sd)
+    if absent and not report.unexpected and not report.mismatched:
+        return f"this checkpoint has no weights for {', '.join(absent)} ({counts}), which {tried} " \
+               f"needs; the file is incomplete or from another model: use the checkpoint released " \
+               f"with this config"
     examples = [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in report.mismatched[:3]]
     examples += [f"missing {k}" for k in report.missing[:max(0, 3 - len(examples))]]
     examples += [f"unexpected {k}" for k in report.unexpected[:max(0, 3 - len(examples))]]

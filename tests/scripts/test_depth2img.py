@@ -95,6 +95,7 @@ def test_missing_depth_weights_and_wrong_family_are_one_line(scripts, depth_file
                            "--device", "cpu", *common]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0]
+    assert "no weights for depth_model.*" in err[0] and "--config" not in err[0]  # not the config it tried
     assert depth2img.main([*model_flags(tiny_files), *common]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "needs a depth-to-image model" in err[0]
