@@ -98,10 +98,68 @@ def test_input_is_resized_image_in_minus_one_one():
     torch.testing.assert_close(flat, torch.full_like(flat, 0.25))
 
 
-@pytest.mark.parametrize("name", ["midas_v21_small", "midas_v21", "dpt_giant"])
-def test_unsupported_model_types(name):
+@pytest.mark.parametrize("name", ["dpt_giant", "MiDaS_small"])
+def test_unknown_model_types(name):
     with pytest.raises(UserError, match=name):
         MiDaSInference(name)
+
+
+def test_v21_small_has_the_release_layout_and_runs():
+    torch.manual_seed(0)
+    midas = MiDaSInference("midas_v21_small")
+    shapes = {k: tuple(v.shape) for k, v in midas.model.state_dict().items()}
+    # names and shapes of midas_v21_small-70d6b9c8.pt: EfficientNet-Lite3 stem and blocks under
+    # layer1 (index 2 is the stem activation), decoder widths 512/256/128/64
+    assert shapes["pretrained.layer1.0.weight"] == (32, 3, 3, 3)
+    assert shapes["pretrained.layer1.1.running_var"] == (32,)
+    assert shapes["pretrained.layer1.3.0.conv_dw.weight"] == (32, 1, 3, 3)
+    assert shapes["pretrained.layer4.1.0.conv_pwl.weight"] == (384, 1392, 1, 1)
+    assert shapes["scratch.layer1_rn.weight"] == (64, 32, 3, 3)
+    assert shapes["scratch.layer4_rn.weight"] == (512, 384, 3, 3)
+    assert shapes["scratch.refinenet4.out_conv.weight"] == (256, 512, 1, 1)
+    assert shapes["scratch.refinenet1.out_conv.weight"] == (64, 64, 1, 1)
+    assert shapes["scratch.output_conv.4.weight"] == (1, 32, 1, 1)
+    midas.has_weights = True
+    depth = midas(torch.randn(1, 3, 64, 96))
+    assert depth.shape == (1, 1, 64, 96) and depth.min() >= 0
+
+
+def test_v21_has_the_release_layout():
+    with torch.device("meta"):
+        midas = MiDaSInference("midas_v21")
+    shapes = {k: tuple(v.shape) for k, v in midas.model.state_dict().items()}
+    # midas_v21-f6b98070.pt: ResNeXt-101 32x8d (stem, pool and layer1 in pretrained.layer1), width 256
+    assert shapes["pretrained.layer1.0.weight"] == (64, 3, 7, 7)
+    assert shapes["pretrained.layer1.4.0.conv2.weight"] == (256, 8, 3, 3)
+    assert shapes["pretrained.layer3.22.conv3.weight"] == (1024, 1024, 1, 1)
+    assert shapes["scratch.layer4_rn.weight"] == (256, 2048, 3, 3)
+    assert not any(k.startswith("scratch.refinenet1.out_conv") for k in shapes)
+    assert shapes["scratch.output_conv.0.weight"] == (128, 256, 3, 3)
+
+
+def test_v21_residual_units_add_back_the_rectified_input():
+    from ldm.modules.midas.midas_net import ResidualConvUnitV21
+    unit = ResidualConvUnitV21(2)
+    for conv in (unit.conv1, unit.conv2):
+        torch.nn.init.zeros_(conv.weight), torch.nn.init.zeros_(conv.bias)
+    x = torch.tensor([-1.0, 2.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3)
+    torch.testing.assert_close(unit(x), x.clamp(min=0))  # the release's in-place ReLU on the skip
+
+
+@pytest.mark.parametrize("model_type,size,expected", [
+    ("midas_v21_small", (512, 768), (160, 256)),    # fits inside 256x256
+    ("midas_v21_small", (512, 512), (256, 256)),
+    ("midas_v21", (300, 1000), (128, 384)),          # 115.2 rounds to 128
+    ("dpt_hybrid", (512, 768), (384, 576)),          # the scale closer to 1 (0.75) for both sides
+])
+def test_input_sizes_follow_each_release_rule(model_type, size, expected):
+    assert midas_input_size(*size, model_type) == expected
+
+
+def test_v21_input_uses_imagenet_normalisation():
+    x = midas_input(torch.zeros(1, 3, 64, 64), "midas_v21_small")  # mid-gray
+    torch.testing.assert_close(x[0, :, 0, 0], (0.5 - torch.tensor([0.485, 0.456, 0.406])) /
+                               torch.tensor([0.229, 0.224, 0.225]))
 
 
 def test_dpt_large_reassembles_four_vit_levels():

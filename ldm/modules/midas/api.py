@@ -1,11 +1,13 @@
 """``MiDaSInference``: the frozen depth estimator of the SD 2 depth-to-image model (``depth_model.*``).
 
-The network is built from its architecture alone (timm, ``pretrained=False``); its weights come
-from the SD checkpoint's ``depth_model.*`` keys, or from a MiDaS release file through
-``load_midas_weights``. Input is what ``midas_input`` makes of an image: resized the MiDaS way
+The network (DPT for ``dpt_large``/``dpt_hybrid``, the v2.1 convolutional nets for
+``midas_v21``/``midas_v21_small``) is built from its architecture alone (timm/torchvision, no
+pretrained weights); its weights come from the SD checkpoint's ``depth_model.*`` keys, or from a
+MiDaS release file through ``load_midas_weights``. Input is what ``midas_input`` makes of an image: resized the MiDaS way
 (aspect kept, sides multiples of 32, OpenCV bicubic) and normalised for the model type.
 """
 import logging
+from functools import partial
 
 import numpy as np
 import torch
@@ -14,22 +16,23 @@ import torch.nn.functional as F
 
 from ldm.errors import UserError
 from ldm.modules.midas.dpt import DPTDepthModel
+from ldm.modules.midas.midas_net import MidasNet, MidasNetSmall
 
 logger = logging.getLogger(__name__)
 
-# model type -> (DPT backbone, network input side, MiDaS resize rule, normalisation mean, std)
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# model type -> (network, its input side, MiDaS resize rule, normalisation (mean, std)), as MiDaS's
+# own transforms for each release
 MODEL_TYPES = {
-    "dpt_large": ("vitl16_384", 384, "minimal", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "dpt_hybrid": ("vitb_rn50_384", 384, "minimal", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dpt_large": (partial(DPTDepthModel, backbone="vitl16_384"), 384, "minimal", HALF),
+    "dpt_hybrid": (partial(DPTDepthModel, backbone="vitb_rn50_384"), 384, "minimal", HALF),
+    "midas_v21": (MidasNet, 384, "upper_bound", IMAGENET),
+    "midas_v21_small": (MidasNetSmall, 256, "upper_bound", IMAGENET),
 }
-# Known to the official code but built there from torch.hub code and weights (a download).
-HUB_ONLY_TYPES = ("midas_v21", "midas_v21_small")
 
 
 def _check_model_type(model_type):
-    if model_type in HUB_ONLY_TYPES:
-        raise UserError(f"MiDaS model_type '{model_type}' needs torch.hub downloads and is not supported; "
-                        f"use one of {', '.join(MODEL_TYPES)}")
     if model_type not in MODEL_TYPES:
         raise UserError(f"unknown MiDaS model_type '{model_type}'; use one of {', '.join(MODEL_TYPES)}")
 
@@ -37,19 +40,18 @@ def _check_model_type(model_type):
 class MiDaSInference(nn.Module):
     """``forward(x)``: MiDaS input [B, 3, H, W] -> relative inverse depth [B, 1, H, W] (no gradients).
 
-    ``dpt_kwargs`` override the DPT hyper-parameters (tiny test models). ``has_weights`` turns true
+    ``net_kwargs`` override the network's hyper-parameters (tiny test models). ``has_weights`` turns true
     once a state dict with ``model.*`` entries is loaded into this module; running before that is
     a UserError, since a randomly initialised depth network silently gives meaningless depth.
     """
 
-    MODEL_TYPES_ISL = tuple(MODEL_TYPES) + HUB_ONLY_TYPES
+    MODEL_TYPES_ISL = tuple(MODEL_TYPES)
 
-    def __init__(self, model_type, **dpt_kwargs):
+    def __init__(self, model_type, **net_kwargs):
         super().__init__()
         _check_model_type(model_type)
         self.model_type = model_type
-        backbone = MODEL_TYPES[model_type][0]
-        self.model = DPTDepthModel(backbone=backbone, non_negative=True, **dpt_kwargs).eval()
+        self.model = MODEL_TYPES[model_type][0](non_negative=True, **net_kwargs).eval()
         self.has_weights = False
         self.register_load_state_dict_pre_hook(MiDaSInference._note_weights)
 
@@ -84,13 +86,23 @@ class MiDaSInference(nn.Module):
 
 
 def midas_input_size(height, width, model_type):
-    """(height, width) MiDaS resizes an image to: aspect kept, sides multiples of 32 (its "minimal" rule)."""
+    """(height, width) MiDaS resizes an image to: aspect kept, sides multiples of 32.
+
+    "minimal" (DPT) scales by whichever of side/height, side/width is closer to 1; "upper_bound"
+    (v2.1) by the smaller, so the image fits in side x side.
+    """
     _check_model_type(model_type)
     side, rule = MODEL_TYPES[model_type][1:3]
     scale_h, scale_w = side / height, side / width
-    if rule == "minimal":  # the scale closest to 1 is used for both sides
-        scale_h = scale_w = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
-    return int(np.round(scale_h * height / 32) * 32), int(np.round(scale_w * width / 32) * 32)
+    if rule == "minimal":
+        scale = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
+        return int(np.round(scale * height / 32) * 32), int(np.round(scale * width / 32) * 32)
+    scale = min(scale_h, scale_w)
+
+    def fit(length):  # nearest multiple of 32, unless that exceeds the side
+        rounded = int(np.round(length / 32) * 32)
+        return rounded if rounded <= side else int(np.floor(length / 32) * 32)
+    return fit(scale * height), fit(scale * width)
 
 
 def midas_input(image, model_type="dpt_hybrid"):
@@ -101,7 +113,7 @@ def midas_input(image, model_type="dpt_hybrid"):
     """
     import cv2  # deferred: only depth conditioning needs OpenCV
     _check_model_type(model_type)
-    mean, std = (np.asarray(v, dtype=np.float64) for v in MODEL_TYPES[model_type][3:])
+    mean, std = (np.asarray(v, dtype=np.float64) for v in MODEL_TYPES[model_type][3])
     height, width = midas_input_size(image.shape[2], image.shape[3], model_type)
     out = []
     for img in ((image.detach().float() + 1.0) * .5).permute(0, 2, 3, 1).cpu().numpy():  # [H, W, 3]

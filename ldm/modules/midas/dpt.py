@@ -189,11 +189,11 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-    """Add the skip (after a residual unit), refine, upsample 2x, project."""
+    """Add the skip (after a residual unit), refine, upsample 2x, project (to ``out_features``)."""
 
-    def __init__(self, features):
+    def __init__(self, features, out_features=None):
         super().__init__()
-        self.out_conv = nn.Conv2d(features, features, kernel_size=1)
+        self.out_conv = nn.Conv2d(features, out_features or features, kernel_size=1)
         self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
 
@@ -249,10 +249,18 @@ class DPTDepthModel(nn.Module):
         )
 
     def forward(self, x):
-        s = self.scratch
-        l1, l2, l3, l4 = self.pretrained(x)
-        path = s.refinenet4(s.layer4_rn(l4))
-        path = s.refinenet3(path, s.layer3_rn(l3))
-        path = s.refinenet2(path, s.layer2_rn(l2))
-        path = s.refinenet1(path, s.layer1_rn(l1))
-        return s.output_conv(path).squeeze(dim=1)
+        return fuse_levels(self.scratch, self.pretrained(x))
+
+
+def fuse_levels(scratch, levels):
+    """The MiDaS decoder: encoder maps at strides 4, 8, 16, 32 -> inverse depth [B, H, W].
+
+    Each level is projected (``layerN_rn``) and fused coarse to fine (``refinenetN``), then
+    ``output_conv`` upsamples to the input size.
+    """
+    l1, l2, l3, l4 = levels
+    path = scratch.refinenet4(scratch.layer4_rn(l4))
+    path = scratch.refinenet3(path, scratch.layer3_rn(l3))
+    path = scratch.refinenet2(path, scratch.layer2_rn(l2))
+    path = scratch.refinenet1(path, scratch.layer1_rn(l1))
+    return scratch.output_conv(path).squeeze(dim=1)

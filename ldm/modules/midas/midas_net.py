@@ -1,0 +1,122 @@
+"""MiDaS v2.1 depth networks: ``midas_v21`` (ResNeXt-101 32x8d) and ``midas_v21_small`` (EfficientNet-Lite3).
+
+Both are a convolutional encoder read at four strides (4, 8, 16, 32), projected by ``scratch.layerN_rn``
+and fused coarse to fine by ``scratch.refinenetN``; the module names follow the MiDaS release files
+(``midas_v21-f6b98070.pt``, ``midas_v21_small-70d6b9c8.pt``) so those load as they are. The
+encoders are built from torchvision / timm without pretrained weights: the weights come from the
+checkpoint.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.midas.dpt import FeatureFusionBlock, Interpolate, fuse_levels
+
+
+def _projections(in_channels, out_channels):
+    """``scratch`` with ``layerN_rn``: 3x3 convolutions, no bias, from each encoder level."""
+    scratch = nn.Module()
+    for level, (width, out) in enumerate(zip(in_channels, out_channels)):
+        setattr(scratch, f"layer{level + 1}_rn", nn.Conv2d(width, out, kernel_size=3, padding=1, bias=False))
+    return scratch
+
+
+def _encode(pretrained, x):
+    l1 = pretrained.layer1(x)
+    l2 = pretrained.layer2(l1)
+    l3 = pretrained.layer3(l2)
+    return l1, l2, l3, pretrained.layer4(l3)
+
+
+class ResidualConvUnitV21(nn.Module):
+    """relu(x) + conv(relu(conv(relu(x)))).
+
+    The v2.1 release applies an in-place ReLU to the unit's input before adding it back, so the skip
+    carries relu(x), not x; its weights were trained that way.
+    """
+
+    def __init__(self, features):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(x)
+        return self.conv2(F.relu(self.conv1(x))) + x
+
+
+class FeatureFusionBlockV21(nn.Module):
+    """Add the skip (after a residual unit), refine, upsample 2x; no output projection."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnitV21(features)
+        self.resConfUnit2 = ResidualConvUnitV21(features)
+
+    def forward(self, x, skip=None):
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+class MidasNet(nn.Module):
+    """``midas_v21``: ResNeXt-101 32x8d encoder, 256-wide decoder. Image [B, 3, H, W] -> [B, H, W]."""
+
+    def __init__(self, features=256, non_negative=True):
+        super().__init__()
+        from torchvision.models import resnext101_32x8d  # the WSL weights share this architecture
+        resnet = resnext101_32x8d(weights=None)
+        self.pretrained = nn.Module()
+        self.pretrained.layer1 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1)
+        self.pretrained.layer2 = resnet.layer2
+        self.pretrained.layer3 = resnet.layer3
+        self.pretrained.layer4 = resnet.layer4
+        self.scratch = _projections((256, 512, 1024, 2048), (features,) * 4)
+        for level in range(4):
+            setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlockV21(features))
+        self.scratch.output_conv = nn.Sequential(
+            nn.Conv2d(features, 128, kernel_size=3, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(128, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 1, kernel_size=1),
+            nn.ReLU() if non_negative else nn.Identity(),
+        )
+
+    def forward(self, x):
+        return fuse_levels(self.scratch, _encode(self.pretrained, x))
+
+
+class MidasNetSmall(nn.Module):
+    """``midas_v21_small``: EfficientNet-Lite3 encoder, decoder widths 512/256/128/64 ("expand").
+
+    Image [B, 3, H, W] -> [B, H, W].
+    """
+
+    def __init__(self, features=64, non_negative=True):
+        super().__init__()
+        import timm
+        effnet = timm.create_model("tf_efficientnet_lite3", pretrained=False)
+        self.pretrained = nn.Module()
+        # timm folds the stem activation into bn1; the Identity keeps the release's module indices
+        self.pretrained.layer1 = nn.Sequential(effnet.conv_stem, effnet.bn1, nn.Identity(), *effnet.blocks[0:2])
+        self.pretrained.layer2 = nn.Sequential(*effnet.blocks[2:3])
+        self.pretrained.layer3 = nn.Sequential(*effnet.blocks[3:5])
+        self.pretrained.layer4 = nn.Sequential(*effnet.blocks[5:])
+        widths = (features, features * 2, features * 4, features * 8)
+        self.scratch = _projections((32, 48, 136, 384), widths)
+        for level, width in enumerate(widths):
+            out = width if level == 0 else width // 2
+            setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlock(width, out))
+        self.scratch.output_conv = nn.Sequential(
+            nn.Conv2d(features, features // 2, kernel_size=3, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(features // 2, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 1, kernel_size=1),
+            nn.ReLU() if non_negative else nn.Identity(),
+            nn.Identity(),
+        )
+
+    def forward(self, x):
+        return fuse_levels(self.scratch, _encode(self.pretrained, x))
