@@ -232,10 +232,7 @@ class DPTDepthModel(nn.Module):
         vit_features = timm_kwargs.get("embed_dim", vit_features)
         self.pretrained = ViTEncoder(timm_name, hooks or default_hooks, channels, vit_features, hybrid, readout,
                                      **timm_kwargs)
-        self.scratch = nn.Module()
-        for level, width in enumerate(channels):
-            setattr(self.scratch, f"layer{level + 1}_rn",
-                    nn.Conv2d(width, features, kernel_size=3, padding=1, bias=False))
+        self.scratch = make_projections(channels, (features,) * 4)
         for level in range(4):
             setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlock(features))
         self.scratch.output_conv = nn.Sequential(
@@ -250,6 +247,15 @@ class DPTDepthModel(nn.Module):
 
     def forward(self, x):
         return fuse_levels(self.scratch, self.pretrained(x))
+
+
+def make_projections(in_channels, out_channels):
+    """The decoder's ``scratch`` module holding ``layerN_rn``: 3x3 convolutions, no bias, from each
+    encoder level to the decoder's width there."""
+    scratch = nn.Module()
+    for level, (width, out) in enumerate(zip(in_channels, out_channels)):
+        setattr(scratch, f"layer{level + 1}_rn", nn.Conv2d(width, out, kernel_size=3, padding=1, bias=False))
+    return scratch
 
 
 def fuse_levels(scratch, levels):

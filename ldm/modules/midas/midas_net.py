@@ -9,15 +9,7 @@ checkpoint.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.midas.dpt import FeatureFusionBlock, Interpolate, fuse_levels
-
-
-def _projections(in_channels, out_channels):
-    """``scratch`` with ``layerN_rn``: 3x3 convolutions, no bias, from each encoder level."""
-    scratch = nn.Module()
-    for level, (width, out) in enumerate(zip(in_channels, out_channels)):
-        setattr(scratch, f"layer{level + 1}_rn", nn.Conv2d(width, out, kernel_size=3, padding=1, bias=False))
-    return scratch
+from ldm.modules.midas.dpt import FeatureFusionBlock, Interpolate, fuse_levels, make_projections
 
 
 def _encode(pretrained, x):
@@ -71,7 +63,7 @@ class MidasNet(nn.Module):
         self.pretrained.layer2 = resnet.layer2
         self.pretrained.layer3 = resnet.layer3
         self.pretrained.layer4 = resnet.layer4
-        self.scratch = _projections((256, 512, 1024, 2048), (features,) * 4)
+        self.scratch = make_projections((256, 512, 1024, 2048), (features,) * 4)
         for level in range(4):
             setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlockV21(features))
         self.scratch.output_conv = nn.Sequential(
@@ -104,7 +96,7 @@ class MidasNetSmall(nn.Module):
         self.pretrained.layer3 = nn.Sequential(*effnet.blocks[3:5])
         self.pretrained.layer4 = nn.Sequential(*effnet.blocks[5:])
         widths = (features, features * 2, features * 4, features * 8)
-        self.scratch = _projections((32, 48, 136, 384), widths)
+        self.scratch = make_projections((32, 48, 136, 384), widths)
         for level, width in enumerate(widths):
             out = width if level == 0 else width // 2
             setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlock(width, out))
