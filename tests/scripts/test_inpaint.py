@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, file_hash
+from ldm.cli import SHIPPED_DEFAULTS
 from ldm.image_io import read_parameters
 
 
@@ -111,6 +112,6 @@ def test_shipped_model_is_the_default(scripts, tmp_path):
     assert inpaint.main(["--init-img", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "5",
                          "--n_samples", "1", "--device", "cpu", "--outdir", str(out)]) == 0
     params = read_parameters(out / "samples" / "00000.png")
-    assert params["model_hash"] == file_hash(SHIPPED) and params["scale"] == "3.0"
+    assert params["model_hash"] == file_hash(SHIPPED) and params["scale"] == str(SHIPPED_DEFAULTS["scale"])
     got = np.asarray(Image.open(out / "samples" / "00000.png"))
     assert np.array_equal(got[:24], image[:24]) and np.array_equal(got[:, :24], image[:, :24])
