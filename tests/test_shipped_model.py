@@ -1,6 +1,6 @@
 """The model shipped in models/shapes/ loads strictly and draws what it is asked for."""
+import numpy as np
 import pytest
-import torch
 
 from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, load_model, read_state_dict
 from ldm.cli import SHIPPED_DEFAULTS
@@ -35,4 +35,4 @@ def test_guidance_changes_the_image(shipped):
     from ldm.generate import txt2img
     a = txt2img(shipped, "a green triangle", steps=5, scale=1.0, seed=3, progress=False)[0]
     b = txt2img(shipped, "a green triangle", steps=5, scale=5.0, seed=3, progress=False)[0]
-    assert torch.tensor(list(a.getdata())).ne(torch.tensor(list(b.getdata()))).any()
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
