@@ -235,15 +235,7 @@ class DPTDepthModel(nn.Module):
         self.scratch = make_projections(channels, (features,) * 4)
         for level in range(4):
             setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlock(features))
-        self.scratch.output_conv = nn.Sequential(
-            nn.Conv2d(features, features // 2, kernel_size=3, padding=1),
-            Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
-            nn.Conv2d(features // 2, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 1, kernel_size=1),
-            nn.ReLU() if non_negative else nn.Identity(),
-            nn.Identity(),
-        )
+        self.scratch.output_conv = make_output_head(features, features // 2, non_negative, align_corners=True)
 
     def forward(self, x):
         return fuse_levels(self.scratch, self.pretrained(x))
@@ -256,6 +248,20 @@ def make_projections(in_channels, out_channels):
     for level, (width, out) in enumerate(zip(in_channels, out_channels)):
         setattr(scratch, f"layer{level + 1}_rn", nn.Conv2d(width, out, kernel_size=3, padding=1, bias=False))
     return scratch
+
+
+def make_output_head(features, hidden, non_negative, align_corners=False):
+    """``scratch.output_conv``: conv, 2x bilinear upsampling, conv, ReLU, 1-channel conv, ReLU when
+    depth is ``non_negative``. DPT upsamples with aligned corners, the v2.1 nets without."""
+    return nn.Sequential(
+        nn.Conv2d(features, hidden, kernel_size=3, padding=1),
+        Interpolate(scale_factor=2, mode="bilinear", align_corners=align_corners),
+        nn.Conv2d(hidden, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 1, kernel_size=1),
+        nn.ReLU() if non_negative else nn.Identity(),
+        nn.Identity(),
+    )
 
 
 def fuse_levels(scratch, levels):

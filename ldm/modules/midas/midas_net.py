@@ -9,7 +9,7 @@ checkpoint.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.midas.dpt import FeatureFusionBlock, Interpolate, fuse_levels, make_projections
+from ldm.modules.midas.dpt import FeatureFusionBlock, fuse_levels, make_output_head, make_projections
 
 
 def _encode(pretrained, x):
@@ -66,14 +66,7 @@ class MidasNet(nn.Module):
         self.scratch = make_projections((256, 512, 1024, 2048), (features,) * 4)
         for level in range(4):
             setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlockV21(features))
-        self.scratch.output_conv = nn.Sequential(
-            nn.Conv2d(features, 128, kernel_size=3, padding=1),
-            Interpolate(scale_factor=2, mode="bilinear"),
-            nn.Conv2d(128, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 1, kernel_size=1),
-            nn.ReLU() if non_negative else nn.Identity(),
-        )
+        self.scratch.output_conv = make_output_head(features, 128, non_negative)
 
     def forward(self, x):
         return fuse_levels(self.scratch, _encode(self.pretrained, x))
@@ -100,15 +93,7 @@ class MidasNetSmall(nn.Module):
         for level, width in enumerate(widths):
             out = width if level == 0 else width // 2
             setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlock(width, out))
-        self.scratch.output_conv = nn.Sequential(
-            nn.Conv2d(features, features // 2, kernel_size=3, padding=1),
-            Interpolate(scale_factor=2, mode="bilinear"),
-            nn.Conv2d(features // 2, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 1, kernel_size=1),
-            nn.ReLU() if non_negative else nn.Identity(),
-            nn.Identity(),
-        )
+        self.scratch.output_conv = make_output_head(features, features // 2, non_negative)
 
     def forward(self, x):
         return fuse_levels(self.scratch, _encode(self.pretrained, x))
