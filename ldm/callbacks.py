@@ -79,6 +79,13 @@ class SetupCallback(pl.Callback):
             self._checkpoint_requested = False
             save_last_checkpoint(trainer, self.ckptdir)
 
+    def on_train_end(self, trainer, pl_module):
+        # ModelCheckpoint writes last.ckpt when validation runs; a run whose max_steps falls between
+        # validations (and inside an epoch) would otherwise end with last.ckpt behind its final step
+        saved = [getattr(c, "_last_global_step_saved", None) for c in trainer.checkpoint_callbacks if c.save_last]
+        if trainer.global_step > 0 and saved and trainer.global_step not in saved:
+            save_last_checkpoint(trainer, self.ckptdir)
+
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt):
             self.interruption = "keyboard"

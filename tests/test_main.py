@@ -88,6 +88,17 @@ def test_checkpoint_is_weights_only_loadable_and_holds_training_state(trained):
     assert adam_step(ckpt) == 3
 
 
+def test_last_checkpoint_holds_the_final_step_between_validations(tiny, tmp_path):
+    config = run_config(tiny, val_check_interval=2, limit_val_batches=1)
+    config["data"]["params"]["train"]["params"]["length"] = 16 * BATCH_SIZE  # max_steps ends inside the epoch
+    path = tiny.write_config(config, tmp_path / "tiny.yaml")
+    assert train_main.main(["--base", str(path), "-t", "--accelerator", "cpu", "--max_steps", "3",
+                            "--logdir", str(tmp_path / "logs")]) == 0
+    run, = (tmp_path / "logs").iterdir()
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+
+
 def test_scale_lr_is_the_default(trained):
     # accumulate_grad_batches 1 * 1 device * batch size * base_learning_rate
     assert trained.first["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(BATCH_SIZE * BASE_LR)
