@@ -5,6 +5,7 @@ xformers' memory-efficient kernel when asked for and available on CUDA. Both are
 module (``backend``, ``upcast``) and set for a whole model with ``set_attention_options``.
 """
 import logging
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +36,39 @@ def xformers_available():
 
 
 def attention(q, k, v, backend="sdpa", upcast=True):
-    """Softmax attention over [B, heads, N, d] tensors.
+    """Softmax attention over [B, heads, N, d] tensors; the output has the dtype of ``q``.
 
-    ``upcast`` computes the logits and softmax in float32 when the inputs are fp16/bf16: SD 2.x
-    v-models overflow in half precision otherwise (black images), which is why the official code
-    defaults ATTN_PRECISION to fp32.
+    ``upcast`` computes the logits, softmax and weighted sum in float32: SD 2.x v-models overflow
+    in half precision otherwise (black images), which is why the official code defaults
+    ATTN_PRECISION to fp32. Autocast is switched off around the kernel, as officially: it would
+    cast the float32 inputs of SDPA, einsum/bmm and xformers straight back to the autocast dtype.
     """
     dtype = q.dtype
-    if upcast and dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
+    if not upcast:
+        return _attention_kernel(q, k, v, backend).to(dtype)
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    with _autocast_off(q.device.type):
+        out = _attention_kernel(q.to(compute), k.to(compute), v.to(compute), backend)
+    return out.to(dtype)
+
+
+def _autocast_off(device_type):
+    # meta tensors (shape-only model builds) have no autocast to switch off
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _attention_kernel(q, k, v, backend):
     if backend == "xformers" and q.is_cuda:
         import xformers.ops
         # xformers takes [B, N, heads, d]
         out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2)
-    elif backend == "math":
+        return out.transpose(1, 2)
+    if backend == "math":
         sim = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
-        out = torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
-    return out.to(dtype)
+        return torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class GEGLU(nn.Module):
