@@ -22,6 +22,8 @@ from pathlib import Path
 
 from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 (official targets main.*)
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401 (official targets main.*)
+from ldm.cli import TRUST_CONFIG_ADVICE
+from ldm.config_safety import UntrustedConfigError, check_config_targets, trusting_configs
 from ldm.errors import UserError
 
 logger = logging.getLogger("main")
@@ -96,6 +98,9 @@ def get_parser():
     add("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
         help="lr = accumulate_grad_batches * devices * batch_size * base_learning_rate (default)")
     add("--gpus", type=str, default=None, help="legacy: '0,1,' means --accelerator gpu --devices 0,1")
+    add("--trust-config", action="store_true",
+        help="build any target the configs name; without it only ldm.*, torch.nn.* and Lightning "
+             "callback/logger classes, since a config can run any code")
     for flag, kind in TRAINER_FLAGS.items():
         add(f"--{flag}", type=kind, default=None, help=f"Trainer({flag}=...)")
     return parser
@@ -285,6 +290,8 @@ def train(opt, unknown):
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
     pl.seed_everything(opt.seed)
     config = load_configs(opt.base, unknown)
+    if not opt.trust_config:
+        check_config_targets(config, source=", ".join(opt.base))
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_config = trainer_config_from(opt, lightning_config)
 
@@ -341,7 +348,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         opt, unknown = parse_args(sys.argv[1:] if argv is None else list(argv))
-        return train(opt, unknown)
+        with trusting_configs(opt.trust_config):
+            return train(opt, unknown)
+    except UntrustedConfigError as err:
+        print(f"error: {err.advise(TRUST_CONFIG_ADVICE)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

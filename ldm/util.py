@@ -4,6 +4,7 @@ import inspect
 
 import torch
 
+from ldm.config_safety import building_untrusted, check_target, check_target_name, is_trusted
 from ldm.errors import UserError
 
 
@@ -44,17 +45,27 @@ def get_obj_from_str(string, reload=False):
 
 
 def instantiate_from_config(config, **extra):
-    """Build ``target(**params)`` from a ``target``/``params`` mapping (OmegaConf or dict)."""
+    """Build ``target(**params)`` from a ``target``/``params`` mapping (OmegaConf or dict).
+
+    Unless inside ``ldm.config_safety.trusting_configs()``, only targets of the trusted modules
+    are imported and built (see ldm.config_safety); anything else is an UntrustedConfigError.
+    """
     if "target" not in config:
         if config == "__is_first_stage__" or config == "__is_unconditional__":
             return None
         raise UserError(f"config has no 'target' key (keys: {list(config.keys())})")
     target = config["target"]
+    trusted = is_trusted()
+    if not trusted:
+        check_target_name(target)
     cls = get_obj_from_str(target)
+    if not trusted:
+        check_target(target, cls)
     params = dict(config.get("params", dict()) or dict())
     params.update(extra)
     try:
-        return cls(**params)
+        with building_untrusted():
+            return cls(**params)
     except TypeError as err:
         # Only the constructor's own signature mismatch is a config error; a TypeError from deeper
         # inside is a bug and keeps its traceback.

@@ -198,7 +198,7 @@ def test_interruption_saves_last_checkpoint(tiny, tmp_path, how, code):
     path = tiny.write_config(config, tmp_path / "interrupted.yaml")
     handler = signal.getsignal(signal.SIGINT)
     assert train_main.main(["--base", str(path), "-t", "--accelerator", "cpu", "--max_steps", "50",
-                            "--logdir", str(tmp_path / "logs")]) == code
+                            "--logdir", str(tmp_path / "logs"), "--trust-config"]) == code
     assert signal.getsignal(signal.SIGINT) is handler
     (run,) = (tmp_path / "logs").iterdir()
     assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2
@@ -211,7 +211,7 @@ def test_sigusr1_saves_a_checkpoint_and_training_goes_on(tiny, tmp_path, caplog)
     path = tiny.write_config(config, tmp_path / "usr1.yaml")
     with caplog.at_level("INFO", logger="ldm.callbacks"):
         assert train_main.main(["--base", str(path), "-t", "--accelerator", "cpu", "--max_steps", "3",
-                                "--logdir", str(tmp_path / "logs")]) == 0
+                                "--logdir", str(tmp_path / "logs"), "--trust-config"]) == 0  # test_main.*
     assert "last.ckpt at global step 2" in caplog.text  # written after the batch that followed the signal
     (run,) = (tmp_path / "logs").iterdir()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # overwritten, not versioned

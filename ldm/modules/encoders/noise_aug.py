@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import read_torch_file
 from ldm.errors import UserError
 from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
 from ldm.modules.diffusionmodules.util import timestep_embedding
@@ -19,12 +20,9 @@ def load_clip_stats(path):
     if not path.is_file():
         raise UserError(f"CLIP embedding statistics file '{path}' does not exist; download ViT-L-14_stats.th from "
                         f"the Karlo release (kakaobrain/karlo-v1-alpha) to that path or set clip_stats_path")
-    try:
-        stats = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"CLIP embedding statistics file '{path}' is not readable ({err}); download it again") \
-            from None
-    if not (isinstance(stats, (tuple, list)) and len(stats) == 2):
+    stats = read_torch_file(path, what="CLIP embedding statistics file")
+    if not (isinstance(stats, (tuple, list)) and len(stats) == 2
+            and all(isinstance(s, torch.Tensor) for s in stats)):
         raise UserError(f"CLIP embedding statistics file '{path}' must hold a (mean, std) pair of tensors")
     mean, std = (torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in stats)
     return mean, std
