@@ -28,6 +28,7 @@ setup(
     version="0.1.0",
     description="Latent diffusion / Stable Diffusion 1.x and 2.x: models, samplers and scripts",
     packages=find_packages(include=["ldm", "ldm.*"]),
+    license="MIT",
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

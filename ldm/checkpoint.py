@@ -8,11 +8,13 @@ import hashlib
 import logging
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ldm.config_safety import check_config_targets, trusting_configs
 from ldm.errors import UserError
 from ldm.util import instantiate_from_config
 
@@ -51,18 +53,29 @@ class _Inert:
 def read_state_dict(path):
     """Read a flat ``{key: tensor}`` dict from a .ckpt/.pt/.pth (Lightning-wrapped or not) or
     .safetensors file, on the CPU, without running code from the file."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint '{path}' does not exist; pass --ckpt with the path to a "
-                        f".ckpt or .safetensors file")
-    if path.is_dir():
-        raise UserError(f"checkpoint '{path}' is a directory; pass the .ckpt or .safetensors "
-                        f"file inside it")
+    path = _readable_file(path, "checkpoint", "a .ckpt or .safetensors file")
     if path.suffix == ".safetensors":
         sd = _read_safetensors(path)
     else:
-        sd = _read_torch(path)
+        sd = _read_torch(path, "checkpoint")
     return _only_tensors(sd, path)
+
+
+def read_torch_file(path, what="checkpoint"):
+    """Unpickle a ``torch.save`` file on the CPU with ``weights_only`` (tensors and plain
+    containers; never code from the file). ``what`` names the file in error messages."""
+    return _read_torch(_readable_file(path, what, "the file"), what)
+
+
+def _readable_file(path, what, kinds):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} '{path}' does not exist; give the path to {kinds}")
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a directory; give the path to {kinds} inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} '{path}' is empty (0 bytes); download or save it again")
+    return path
 
 
 def _read_safetensors(path):
@@ -71,9 +84,27 @@ def _read_safetensors(path):
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
+        pytorch_format = _pytorch_format(path)
+        if pytorch_format:
+            raise UserError(f"checkpoint '{path}' is named .safetensors but is a PyTorch "
+                            f"{pytorch_format} file, so it was not unpickled; if you expected a "
+                            f".ckpt, rename it to .ckpt to read its weights without running "
+                            f"code") from None
         raise UserError(f"checkpoint '{path}' is not a readable safetensors file "
                         f"({_first_line(err)}); it may be truncated or corrupt: download or "
                         f"convert it again") from None
+
+
+def _pytorch_format(path):
+    """'zip' or 'pickle' when the file starts as torch.save writes, else None (only looked at
+    after safetensors refused the file; a safetensors header is 8 length bytes then '{')."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) == 9 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[8:9] != b"{":
+        return "pickle"
+    return None
 
 
 # Unpickling arbitrary bytes can fail with almost any exception type (IndexError, KeyError,
@@ -81,36 +112,63 @@ def _read_safetensors(path):
 UNREADABLE = Exception
 
 
-def _read_torch(path):
+def _read_torch(path, what):
     try:
         return _torch_load(path)
     except pickle.UnpicklingError as err:
+        failure = err
         unsafe = _unsafe_globals(path)
         if unsafe and all(name.startswith(BOOKKEEPING_PREFIXES) for name in unsafe):
-            log.info("checkpoint %s: replacing training bookkeeping (%s) with placeholders",
-                     path, ", ".join(sorted(unsafe)))
+            log.info("%s %s: replacing training bookkeeping (%s) with placeholders",
+                     what, path, ", ".join(sorted(unsafe)))
             with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
                 try:
                     return _torch_load(path)
-                except UNREADABLE:
-                    pass
-        unsafe |= set(re.findall(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err)))
+                except UNREADABLE as retry_err:
+                    # the bookkeeping was allowed, so this failure has a cause of its own
+                    failure, unsafe = retry_err, set()
+        unsafe |= set(re.findall(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(failure)))
         if unsafe:
             names = ", ".join(sorted(unsafe))
-            raise UserError(f"checkpoint '{path}' needs code execution to load ({names}), which "
+            raise UserError(f"{what} '{path}' needs code execution to load ({names}), which "
                             f"is refused for safety; convert it to .safetensors with a tool you "
-                            f"trust, or re-save only its state_dict") from None
-        raise UserError(_unreadable(path, err)) from None
+                            f"trust, or re-save only its tensors") from None
+        raise UserError(_unreadable(path, failure, what)) from None
     except UNREADABLE as err:
-        raise UserError(_unreadable(path, err)) from None
+        raise UserError(_unreadable(path, err, what)) from None
 
 
-def _unreadable(path, err):
+def _unreadable(path, err, what):
+    layout = _zip_layout_problem(path)
+    if layout:
+        return f"{what} '{path}' is {layout}"
     # torch wraps every weights-only failure in a long preamble; the cause follows this marker
     detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
     reason = detail.group(1) if detail else _first_line(err)
-    return f"checkpoint '{path}' is not a readable PyTorch file ({reason}); it may be " \
+    # and zip failures in a C++ location prefix and a paragraph of advice
+    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)
+    reason = reason.split(". This is an internal")[0]
+    return f"{what} '{path}' is not a readable PyTorch file ({reason}); it may be " \
            f"truncated or corrupt: download it again"
+
+
+def _zip_layout_problem(path):
+    """Why a readable zip archive is no torch.save file (all members in one folder, with a
+    data.pkl), or None when it is not a zip or looks right."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    root = names[0].split("/", 1)[0] if names and "/" in names[0] else ""
+    outside = [n for n in names if not root or not n.startswith(root + "/")]
+    if not root or f"{root}/data.pkl" not in names:
+        return "a zip archive but not a torch.save file (no <folder>/data.pkl in it)"
+    if outside:
+        return f"a torch.save file with {len(outside)} extra member(s) outside its " \
+               f"'{root}/' folder (e.g. '{outside[0]}'), which PyTorch refuses; remove them, or " \
+               f"save its tensors again with torch.save"
+    return None
 
 
 def _first_line(err):
@@ -189,20 +247,20 @@ def suggest_config(shapes):
     adm = shapes[UNET_ADM_KEY][1] if UNET_ADM_KEY in shapes else None
     if adm in (1536, 2048):
         variant = "l" if adm == 1536 else "h"
-        return f"use --config {d}v2-1-stable-unclip-{variant}-inference.yaml (stable unCLIP)"
+        return f"use the config {d}v2-1-stable-unclip-{variant}-inference.yaml (stable unCLIP)"
     if in_channels == 9 and context_dim == 768:
         return "it is an SD 1.x inpainting checkpoint (9 input channels, 768-dim text): use " \
                "v1-inpainting-inference.yaml from the SD 1.5 inpainting release"
     if in_channels == 9:
-        return f"use --config {d}v2-inpainting-inference.yaml (inpainting, 9 input channels)"
+        return f"use the config {d}v2-inpainting-inference.yaml (inpainting, 9 input channels)"
     if in_channels == 5:
-        return f"use --config {d}v2-midas-inference.yaml (depth-conditioned, 5 input channels)"
+        return f"use the config {d}v2-midas-inference.yaml (depth-conditioned, 5 input channels)"
     if in_channels == 7:
-        return f"use --config {d}x4-upscaling.yaml (x4 upscaler, 7 input channels)"
+        return f"use the config {d}x4-upscaling.yaml (x4 upscaler, 7 input channels)"
     if in_channels == 4 and context_dim == 768:
-        return f"use --config {d}v1-inference.yaml (SD 1.x, 768-dim CLIP text)"
+        return f"use the config {d}v1-inference.yaml (SD 1.x, 768-dim CLIP text)"
     if in_channels == 4 and context_dim == 1024:
-        return f"use --config {d}v2-inference-v.yaml for 768-v checkpoints (v-prediction, " \
+        return f"use the config {d}v2-inference-v.yaml for 768-v checkpoints (v-prediction, " \
                f"768px) or {d}v2-inference.yaml for base checkpoints (eps, 512px)"
     return None
 
@@ -231,7 +289,9 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
-def _ignorable(key, model_keys, has_ema):
+def _ignorable(key, model_keys, has_ema, ignore_keys=()):
+    if key.startswith(ignore_keys):
+        return True
     if key in model_keys:
         return False
     if key.startswith("model_ema.") and not has_ema:
@@ -240,20 +300,29 @@ def _ignorable(key, model_keys, has_ema):
     return key == POSITION_IDS_KEY
 
 
-def load_state_dict_into(model, sd, strict=True, *, config_name=None):
+def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_keys=(), only_model=False):
     """Load ``sd`` into ``model`` checking every key and shape; returns a :class:`LoadReport`.
 
     Tensors are cast to the dtype of the model's own parameters, so half-precision checkpoints
     load into a float32 model. ``model_ema.*`` keys are loaded when the model keeps an EMA and
     ignored otherwise. With ``strict`` any missing/unexpected/mismatched key is a UserError that
     names the config fitting the checkpoint; ``config_name`` is the config that was tried.
+    Otherwise missing, unexpected and mismatched keys are logged as warnings and skipped.
+
+    ``ignore_keys`` (the official config parameter): checkpoint keys starting with any of these
+    prefixes are not loaded, and the model keeps its own values for them. ``only_model`` (the
+    official ``load_only_unet``) loads into the denoiser ``model.model`` alone: see
+    :func:`_denoiser_part`.
     """
+    report = LoadReport()
+    if only_model:
+        model, sd = model.model, _denoiser_part(sd, report)
+    ignore_keys = tuple(ignore_keys)
     own = model.state_dict()
     has_ema = getattr(model, "use_ema", False) and hasattr(model, "model_ema")
-    report = LoadReport()
     usable = {}
     for key, value in sd.items():
-        if _ignorable(key, own, has_ema):
+        if _ignorable(key, own, has_ema, ignore_keys):
             report.ignored.append(key)
         elif key not in own:
             report.unexpected.append(key)
@@ -261,7 +330,7 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None):
             report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
         else:
             usable[key] = value
-    report.missing = [k for k in own if k not in sd]
+    report.missing = [k for k in own if k not in sd and not k.startswith(ignore_keys)]
     report.loaded = len(usable)
 
     if strict and not report.ok:
@@ -269,16 +338,24 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None):
     model.load_state_dict(usable, strict=False)
 
     if report.ignored:
-        ema = sum(k.startswith("model_ema.") for k in report.ignored)
-        log.info("ignored %d checkpoint keys (%d model_ema.* without use_ema%s)",
-                 len(report.ignored), ema,
-                 ", position_ids" if POSITION_IDS_KEY in report.ignored else "")
+        groups = sorted({k if k == POSITION_IDS_KEY else k.split(".", 1)[0] + ".*" for k in report.ignored})
+        log.info("ignored %d checkpoint keys: %s", len(report.ignored), ", ".join(groups))
     for name, keys in (("missing", report.missing), ("unexpected", report.unexpected),
                        ("shape-mismatched", [k for k, _, _ in report.mismatched])):
         if keys:
             log.warning("%d %s keys (not strict), e.g. %s", len(keys), name, ", ".join(keys[:3]))
     log.info("loaded %d of %d model tensors", report.loaded, len(own))
     return report
+
+
+def _denoiser_part(sd, report):
+    """The checkpoint as ``model.model`` sees it. A whole-model checkpoint (``model.*`` keys) is
+    cut down to those keys with the prefix removed, its other keys counted as ignored; a
+    checkpoint of the denoiser alone (what the official ``load_only_unet`` reads) is used as it is."""
+    if not any(k.startswith("model.") for k in sd):
+        return sd
+    report.ignored.extend(k for k in sd if not k.startswith("model."))
+    return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
 
 
 def _absent_modules(missing, sd):
@@ -303,6 +380,11 @@ def _mismatch_message(report, sd, own, config_name):
         advice = None  # checkpoint and model are of one family: what the checkpoint lacks says more
     if advice:
         return f"{tried} does not fit this checkpoint ({counts}); {advice}"
+    if not any(k in own for k in sd):
+        return f"this checkpoint shares no key with the model of {tried} (it holds {len(sd)} " \
+               f"tensors such as '{next(iter(sd))}'; the model's keys are like " \
+               f"'{next(iter(own))}'): it is not a weights file for this model; use the " \
+               f"checkpoint released with the config"
     absent = _absent_modules(report.missing, sd)
     if absent and not report.unexpected and not report.mismatched:
         return f"this checkpoint has no weights for {', '.join(absent)} ({counts}), which {tried} " \
@@ -324,17 +406,18 @@ def resolve_paths(config_path=None, ckpt_path=None):
         config, ckpt = REPO_ROOT / DEFAULT_CONFIG, REPO_ROOT / DEFAULT_CKPT
         if not config.is_file() or not ckpt.is_file():
             raise UserError(f"the default model ({DEFAULT_CKPT} with {DEFAULT_CONFIG}) is "
-                            f"missing; pass --ckpt and --config for the model to use")
+                            f"missing; give the checkpoint and the config of the model to use")
         return config, ckpt
     if config_path is None:
         configs = sorted(p.name for p in (REPO_ROOT / SD_CONFIG_DIR).glob("*.yaml"))
         hint = _hint_for(ckpt_path)
-        raise UserError(f"--ckpt needs --config too{hint}; configs in {SD_CONFIG_DIR}/: "
-                        f"{', '.join(configs) or 'none found'}")
+        raise UserError(f"checkpoint '{ckpt_path}' needs a config too{hint}; configs in "
+                        f"{SD_CONFIG_DIR}/: {', '.join(configs) or 'none found'}")
     if ckpt_path is None:
         if Path(config_path).resolve() == (REPO_ROOT / DEFAULT_CONFIG).resolve():
             return resolve_paths()
-        raise UserError(f"--config '{config_path}' needs --ckpt with the weights it describes")
+        raise UserError(f"config '{config_path}' needs a checkpoint too, with the weights it "
+                        f"describes")
     return Path(config_path), Path(ckpt_path)
 
 
@@ -348,13 +431,15 @@ def _hint_for(ckpt_path):
     return f" ({fit})" if fit else ""
 
 
-def load_config(config_path):
+def load_config(config_path, trust_config=False):
+    """Read a model config; unless ``trust_config``, every ``target`` in it must be in a trusted
+    module (``ldm.config_safety``), checked before anything is imported or built."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     import yaml
     path = Path(config_path)
     if not path.is_file():
-        raise UserError(f"config '{path}' does not exist; pass --config with a .yaml file")
+        raise UserError(f"config '{path}' does not exist; give the path to a model .yaml file")
     try:
         config = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
@@ -363,6 +448,8 @@ def load_config(config_path):
     if not hasattr(config, "get") or config.get("model") is None:
         raise UserError(f"config '{path}' has no 'model' section; pass a model config such as "
                         f"{SD_CONFIG_DIR}/v2-inference.yaml")
+    if not trust_config:
+        check_config_targets(config, source=path)
     return config
 
 
@@ -374,7 +461,7 @@ def resolve_device(device=None):
     except (RuntimeError, TypeError) as err:
         raise UserError(f"unknown device '{device}' ({err}); use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for but CUDA is not available; use --device cpu")
+        raise UserError("device 'cuda' asked for but CUDA is not available; run on the cpu device")
     return device
 
 
@@ -383,49 +470,65 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "full": torch.float32
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(dtype, device):
+def resolve_dtype(dtype, device, *, force=False):
+    """The dtype to run for a ``dtype`` argument (None: float32); on a CPU without native
+    bfloat16/float16 that is float32 unless ``force`` (see ``ldm.precision``)."""
+    from ldm.precision import choose_precision
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UserError("float16 is not supported on the CPU; use bf16 or fp32")
-    return dtype
+    return choose_precision(dtype, device, force=force, requested_by="dtype",
+                            force_hint="force_dtype=True").dtype
 
 
-def load_model(config_path=None, ckpt_path=None, device=None, dtype=None):
+def load_model(config_path=None, ckpt_path=None, device=None, dtype=None, *, force_dtype=False,
+               trust_config=False):
     """Build ``config.model``, load the checkpoint strictly, and return it in eval mode.
 
     With neither path given the shipped default model is used. ``dtype`` (default float32) is the
     dtype of the whole model; with float32, a config whose U-Net says ``use_bf16`` runs the U-Net
-    in bfloat16, and one that says ``use_fp16`` runs it in float16 on CUDA only.
+    in bfloat16, and one that says ``use_fp16`` runs it in float16 on CUDA only. On a CPU without
+    native bfloat16/float16 (``ldm.precision``) those run in float32 with a warning, unless
+    ``force_dtype``. The config may only name targets of ``ldm.config_safety.TRUSTED_MODULES``
+    unless ``trust_config`` (a config can run any code).
     """
     config_path, ckpt_path = resolve_paths(config_path, ckpt_path)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    config = load_config(config_path)
+    dtype = resolve_dtype(dtype, device, force=force_dtype)
+    config = load_config(config_path, trust_config=trust_config)
     sd = read_state_dict(ckpt_path)
     log.info("building %s from %s", config.model.get("target", "?"), config_path)
-    model = instantiate_from_config(config.model)
+    with trusting_configs(trust_config):
+        model = instantiate_from_config(config.model)
     load_state_dict_into(model, sd, strict=True, config_name=str(config_path))
     del sd
     model = model.eval().to(device=device, dtype=dtype)
-    unet_dtype = _unet_dtype(config, device)
-    if unet_dtype is not None and dtype == torch.float32:
+    # the config's U-Net dtype applies to a float32 model only (an explicit dtype wins)
+    unet_dtype = _unet_dtype(config, device, force=force_dtype) if dtype == torch.float32 else None
+    if unet_dtype is not None:
         model.model.diffusion_model.to(unet_dtype)
         log.info("U-Net runs in %s (as the config asks)", unet_dtype)
     return model
 
 
-def _unet_dtype(config, device):
-    """use_bf16 holds on any device; use_fp16 only on CUDA (CPU float16 kernels are slow or
-    missing, and the official configs set it for GPUs)."""
+def _unet_dtype(config, device, force=False):
+    """The U-Net dtype a config asks for, or None for the model's own. use_bf16 holds on CUDA and
+    on a CPU with native bfloat16 (elsewhere only when ``force``, see ``ldm.precision``);
+    use_fp16 only on CUDA: the official 2.x configs set it for GPUs, so it is no request to run
+    float16 on a CPU (pass dtype="fp16" for that)."""
+    from ldm.precision import choose_precision
     unet = (config.model.get("params") or {}).get("unet_config") or {}
     params = unet.get("params") or {}
     if params.get("use_bf16"):
-        return torch.bfloat16
-    if params.get("use_fp16") and device.type == "cuda":
-        return torch.float16
+        chosen = choose_precision(torch.bfloat16, device, force=force,
+                                  requested_by="the config's use_bf16", force_hint="force_dtype=True")
+        return chosen.dtype if chosen.dtype != torch.float32 else None
+    if params.get("use_fp16"):
+        if device.type == "cuda":
+            return torch.float16
+        log.info("the config's use_fp16 is for CUDA: on %s the U-Net runs in the model's dtype",
+                 device.type)
     return None

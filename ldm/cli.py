@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ldm.errors import UserError
+from ldm.models.diffusion.samplers import DISPLAY_NAMES, SAMPLERS, check_eta
 
 EXIT_USER_ERROR = 2
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"
@@ -40,12 +41,47 @@ def fill_model_defaults(args):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad flags as a UserError (one line) instead of usage + exit."""
 
+    # flags that other scripts take, with why this one does not (set by add_common_args)
+    not_here = {}
+
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            reasons = {self.not_here[a] for a in message.split(":", 1)[1].split() if a in self.not_here}
+            if reasons:
+                message = f"{message} ({'; '.join(sorted(reasons))})"
         raise UserError(message)
 
 
-def add_common_args(parser, outdir):
-    """Flags of both txt2img and img2img (official names; ``--steps`` also as ``--ddim_steps``)."""
+def existing_file(what):
+    """argparse ``type``: a path that must name an existing file (``what`` names it in the error)."""
+    def check(path):
+        if not Path(path).is_file():
+            raise UserError(f"{what} '{path}' does not exist")
+        return path
+    return check
+
+
+def number_in(flag, low, high=None, kind=float):
+    """argparse ``type``: a ``kind`` number from ``low`` to ``high`` (no upper bound when None)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise UserError(f"{flag} takes a {'whole ' if kind is int else ''}number, got '{text}'") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise UserError(f"{flag} must be {allowed}, got {value}")
+        return value
+    return convert
+
+
+def add_common_args(parser, outdir, *, samplers=SAMPLERS, size=False, fixed_code=False):
+    """The flags every sampling script takes (official names; ``--steps`` also as ``--ddim_steps``).
+
+    ``samplers``: the samplers the script can use (``--plms``/``--dpm`` only where they work);
+    ``size``: ``--H``/``--W``; ``fixed_code``: ``--fixed_code``. README.md and docs/variants.md
+    list the flags from the same split, and a test holds them to these parsers.
+    """
     add = parser.add_argument
     add("--prompt", type=str, default=None,
         help=f"what to render (default: '{SHIPPED_DEFAULTS['prompt']}' with the shipped model, "
@@ -58,9 +94,13 @@ def add_common_args(parser, outdir):
         help=f"sampling steps (default: {SHIPPED_DEFAULTS['steps']} with the shipped model, "
              f"{OFFICIAL_DEFAULTS['steps']} otherwise)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--plms", action="store_true", help="use the PLMS sampler")
-    group.add_argument("--dpm", action="store_true", help="use the DPM-Solver sampler")
-    add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    for name in SAMPLERS:
+        if name in samplers and name != "ddim":
+            group.add_argument(f"--{name}", action="store_true", help=f"use the {DISPLAY_NAMES[name]} sampler")
+        elif name not in samplers:
+            parser.not_here = {**parser.not_here, f"--{name}": f"this script samples with "
+                               f"{' or '.join(DISPLAY_NAMES[n] for n in samplers)} only"}
+    add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
     add("--n_iter", type=int, default=1,
         help="sampling rounds (official default 3; 1 here since CPU runs are slow)")
     add("--n_samples", type=int, default=3, help="images per round (the batch size)")
@@ -75,37 +115,64 @@ def add_common_args(parser, outdir):
     add("--seed", type=int, default=42, help="seed for reproducible sampling")
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 on CUDA (bfloat16 with --bf16); full: float32")
-    add("--bf16", action="store_true", help="compute in bfloat16 (CPU or CUDA)")
+    # --force-bf16 sets bf16="force", the library's value for "even where it is emulated"
+    bf16 = parser.add_mutually_exclusive_group()
+    bf16.add_argument("--bf16", action="store_true",
+                      help="compute in bfloat16 on CUDA, or on a CPU with native bfloat16 "
+                           "(AVX512-BF16/AMX); on other CPUs float32 runs instead, with a warning")
+    bf16.add_argument("--force-bf16", dest="bf16", action="store_const", const="force",
+                      help="bfloat16 even on a CPU that emulates it (often 100x slower than "
+                           "float32); also for configs with use_bf16")
     add("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
     add("--skip_grid", action="store_true", help="do not save a grid")
     add("--skip_save", action="store_true", help="do not save individual samples")
     add("--no-watermark", action="store_true", help="do not embed the invisible watermark")
     add("--verbose", action="store_true", help="log details (keys ignored while loading, ...)")
+    add("--trust-config", action="store_true",
+        help="build any class the --config names; without it only ldm.*, torch.nn.* and Lightning "
+             "callback/logger classes are built, since a config can run any code")
     add("--attention", choices=["auto", "sdpa", "xformers", "math"], default="auto",
         help="attention kernel (auto: xformers when installed and on CUDA, else PyTorch SDPA); "
              "ATTN_PRECISION=fp16 turns off the float32 attention logits used under autocast")
+    if size:
+        for flag, side in (("--H", "height"), ("--W", "width")):
+            add(flag, type=int, default=None,
+                help=f"image {side} in pixels (a multiple of 8; default: the model's native size)")
+    if fixed_code:
+        add("--fixed_code", action="store_true", help="reuse one start noise for every round")
 
 
 def check_common_args(args):
-    """Refuse impossible values before anything slow happens."""
+    """Refuse impossible values before anything slow happens; returns ``args``."""
     fill_model_defaults(args)
     for name in ("steps", "n_samples", "n_iter", "repeat"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.n_rows < 0:
         raise UserError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}")
-    if args.ddim_eta < 0:
-        raise UserError(f"--ddim_eta must be 0 or more, got {args.ddim_eta}")
-    if args.plms and args.ddim_eta != 0:
-        raise UserError("PLMS is deterministic: use --ddim_eta 0 with --plms")
+    try:
+        check_eta(sampler_name(args), args.ddim_eta)
+    except UserError as err:
+        raise UserError(f"--ddim_eta: {err}") from None
+    for flag in ("H", "W"):
+        value = getattr(args, flag, None)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{flag} must be a positive multiple of 8, got {value}")
+    outdir = Path(args.outdir)
+    existing = next((p for p in (outdir, *outdir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == outdir else f"is inside '{existing}', which is a file"
+        raise UserError(f"--outdir '{outdir}' {where}, not a folder; pass a folder to write into")
     if args.prompt is not None and args.from_file is not None:
         raise UserError("pass either --prompt or --from-file, not both")
     if args.from_file is not None and not Path(args.from_file).is_file():
         raise UserError(f"prompt file '{args.from_file}' does not exist")
+    return args
 
 
 def sampler_name(args):
-    return "plms" if args.plms else "dpm" if args.dpm else "ddim"
+    """The sampler the flags ask for (DDIM unless a flag of another sampler is set)."""
+    return next((name for name in SAMPLERS if getattr(args, name, False)), "ddim")
 
 
 def read_prompts(args):
@@ -148,11 +215,21 @@ def attention_options(args, environ=None):
     return backend, environ.get("ATTN_PRECISION", "fp32") == "fp32"
 
 
+TRUST_CONFIG_ADVICE = "pass --trust-config if you trust this config"
+
+
 def load_model_for(args):
     from ldm.checkpoint import load_model
+    from ldm.config_safety import UntrustedConfigError
     from ldm.modules.attention import set_attention_options
-    # weights stay float32; --bf16 and --precision act through autocast, as officially
-    model = load_model(args.config, args.ckpt, device=args.device)
+    # weights stay float32 (or the config's use_bf16 U-Net); --bf16 and --precision act through
+    # autocast, as officially; --force-bf16 also keeps use_bf16 on a CPU that emulates it
+    force_bf16 = getattr(args, "bf16", False) == "force"
+    try:
+        model = load_model(args.config, args.ckpt, device=args.device, force_dtype=force_bf16,
+                           trust_config=getattr(args, "trust_config", False))
+    except UntrustedConfigError as err:
+        raise err.advise(TRUST_CONFIG_ADVICE) from None
     backend, upcast = attention_options(args)
     return set_attention_options(model, backend=backend, upcast=upcast)
 
@@ -162,22 +239,63 @@ def model_hash_for(args):
     return file_hash(args.ckpt if args.ckpt else REPO_ROOT / DEFAULT_CKPT)
 
 
+def generation_kwargs(args):
+    """The library arguments every generation function takes, from the common flags."""
+    return dict(negative_prompt=args.negative_prompt, sampler=sampler_name(args), steps=args.steps,
+                scale=args.scale, eta=args.ddim_eta, seed=args.seed, n_samples=args.n_samples,
+                n_iter=args.n_iter, precision=args.precision, bf16=args.bf16)
+
+
+def image_parameters(args, **extra):
+    """What each PNG's ``parameters`` text records (prompt and size are added per image)."""
+    return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler_name(args),
+                scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
+                eta=args.ddim_eta or None, **extra)
+
+
+def prepare(args):
+    """(model, prompts): logging set up, prompts read and the model loaded and checked against
+    the flags, as every sampling script does before generating."""
+    setup_logging(args.verbose)
+    prompts = read_prompts(args)
+    model = load_model_for(args)
+    check_latent_flags(args, model)
+    return model, prompts
+
+
+def generate_and_save(args, generate, saver_class=None, **parameters):
+    """Call ``generate(on_batch, **generation_kwargs(args))`` saving each batch as it arrives, then
+    the grid; print where the outputs went. ``parameters`` are extra PNG metadata (strength, ...)."""
+    saver = (saver_class or Saver)(args, image_parameters(args, **parameters))
+    try:
+        generate(saver, **generation_kwargs(args))
+    except BaseException:
+        saver.report_partial()
+        raise
+    print(saver.finish())
+    return 0
+
+
 class Saver:
     """Saves each batch as it arrives (so an error later loses nothing) and the grid at the end."""
 
     def __init__(self, args, parameters):
-        from ldm.image_io import make_watermarker
+        from ldm.image_io import ensure_folder, make_watermarker
         self.outdir = Path(args.outdir)
         self.sample_dir = self.outdir / "samples"
         self.args = args
         self.parameters = parameters
         self.watermarker = make_watermarker(args.no_watermark)
+        # created before sampling, so that an unwritable folder fails before the slow part
+        ensure_folder(self.outdir if args.skip_save else self.sample_dir)
         self.saved = []
         self.images = []
+        self.prompts = []
 
     def __call__(self, images, prompts):
         from ldm.image_io import save_samples
         self.images.extend(images)
+        self.prompts.extend(prompts)
         if not self.args.skip_save:
             infos = [dict(self.parameters, prompt=p, size=f"{im.width}x{im.height}")
                      for im, p in zip(images, prompts)]
@@ -193,7 +311,9 @@ class Saver:
         if not self.args.skip_grid and self.images:
             rows = self.args.n_rows or self.args.n_samples
             size = f"{self.images[0].width}x{self.images[0].height}"
-            path = save_grid(self.images, self.outdir, rows, dict(self.parameters, size=size),
+            # the prompts the grid shows, each once, one per line
+            prompt = "\n".join(dict.fromkeys(self.prompts))
+            path = save_grid(self.images, self.outdir, rows, dict(self.parameters, prompt=prompt, size=size),
                              watermarker=self.watermarker)
             parts.append(f"grid {path}")
         return "outputs: " + ("; ".join(parts) if parts else "none saved (--skip_save --skip_grid)")

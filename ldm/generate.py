@@ -15,26 +15,17 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.image_io import images_to_tensor, tensor_to_images
+from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler  # noqa: F401 (re-exported)
+from ldm.models.diffusion.samplers import make_sampler as _make_sampler
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "plms", "dpm")
 MAX_SEED = 2 ** 32 - 1
 
 
 def make_sampler(name, model):
-    """The sampler called ``name`` ("ddim", "plms" or "dpm") for ``model``, on the model's device."""
-    device = model_device(model)
-    if name == "ddim":
-        from ldm.models.diffusion.ddim import DDIMSampler
-        return DDIMSampler(model, device=device)
-    if name == "plms":
-        from ldm.models.diffusion.plms import PLMSSampler
-        return PLMSSampler(model, device=device)
-    if name == "dpm":
-        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-        return DPMSolverSampler(model, device=device)
-    raise UserError(f"unknown sampler '{name}'; use one of {', '.join(SAMPLERS)}")
+    """The sampler called ``name`` (see ``SAMPLERS``) for ``model``, on the model's device."""
+    return _make_sampler(name, model, device=model_device(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,17 +64,13 @@ def seed_everything(seed):
 
 
 def precision_scope(device, precision="autocast", bf16=False):
-    """Autocast as the official scripts use it: float16 on CUDA, bfloat16 on CPU only when asked
-    (float16 CPU autocast is slow or unsupported), plain float32 otherwise."""
-    if precision not in ("autocast", "full"):
-        raise UserError(f"precision '{precision}' is unknown; use autocast or full")
-    if precision == "full" and not bf16:
-        return nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
-    if device.type == "cpu" and bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    """Autocast as the official scripts use it: float16 on CUDA, bfloat16 when ``bf16`` is set,
+    plain float32 otherwise. On a CPU without native bfloat16, ``bf16=True`` runs float32 with a
+    warning (emulated bfloat16 is often 100x slower) and ``bf16="force"`` runs bfloat16 anyway;
+    the decision is ``ldm.precision.autocast_dtype``."""
+    from ldm.precision import autocast_dtype
+    dtype = autocast_dtype(device, precision, bf16)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def batches(prompts, n_samples):
@@ -93,21 +80,17 @@ def batches(prompts, n_samples):
         return [[prompts] * n_samples]
     prompts = list(prompts)
     if not prompts:
-        raise UserError("no prompts given; pass --prompt or a --from-file with text lines")
+        raise UserError("no prompts given: pass a prompt string or a non-empty list of prompts")
     return [prompts[i:i + n_samples] for i in range(0, len(prompts), n_samples)]
 
 
 def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter):
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
+    check_sampler(sampler)
     if not isinstance(steps, int) or not 1 <= steps <= model.num_timesteps:
         raise UserError(f"steps must be from 1 to {model.num_timesteps}, got {steps}")
     if n_samples < 1 or n_iter < 1:
         raise UserError(f"n_samples and n_iter must be at least 1, got {n_samples} and {n_iter}")
-    if eta < 0:
-        raise UserError(f"eta must be 0 or more, got {eta}")
-    if sampler == "plms" and eta != 0:
-        raise UserError("PLMS is deterministic: use --ddim_eta 0 with --plms")
+    check_eta(sampler, eta)
     if not np.isfinite(scale):
         raise UserError(f"guidance scale must be a finite number, got {scale}")
 

@@ -33,16 +33,19 @@ FAMILY_NAMES = {"inpainting": "an inpainting", "depth": "a depth-to-image", "ups
 OUTPAINT_MULTIPLE = 8
 
 
+def _family_classes():
+    # imported here: the model classes pull in Lightning, which the image helpers below do not need
+    from ldm.models.diffusion.ddpm import (ImageEmbeddingConditionedLatentDiffusion, LatentDepth2ImageDiffusion,
+                                           LatentInpaintDiffusion, LatentUpscaleDiffusion)
+    return (("inpainting", LatentInpaintDiffusion), ("depth", LatentDepth2ImageDiffusion),
+            ("upscaling", LatentUpscaleDiffusion), ("unclip", ImageEmbeddingConditionedLatentDiffusion))
+
+
 def model_family(model):
-    """"inpainting", "depth", "upscaling", "unclip" or "txt2img", from the sub-models it carries."""
-    if hasattr(model, "masked_image_key"):
-        return "inpainting"
-    if hasattr(model, "depth_model"):
-        return "depth"
-    if hasattr(model, "low_scale_model"):
-        return "upscaling"
-    if hasattr(model, "embedder"):
-        return "unclip"
+    """"inpainting", "depth", "upscaling", "unclip" or "txt2img", from the model's class."""
+    for family, cls in _family_classes():
+        if isinstance(model, cls):
+            return family
     return "txt2img"
 
 
@@ -51,7 +54,7 @@ def require_family(model, *families):
     if family not in families:
         wanted = " or ".join(FAMILY_NAMES[f] for f in families)
         raise UserError(f"this is {FAMILY_NAMES[family]} model ({type(model).__name__}); this needs {wanted} "
-                        f"model: pass its --ckpt and --config")
+                        f"model: load its checkpoint with the config released for it")
     return family
 
 
@@ -244,8 +247,8 @@ def depth_to_image(depth, size, visible=None):
     return Image.fromarray((shown.clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8))
 
 
-def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negative_prompt="", steps=50,
-              scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast", bf16=False, device=None,
+def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negative_prompt="", sampler="ddim",
+              steps=50, scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast", bf16=False, device=None,
               progress=True, on_batch=None, on_depth=None):
     """Re-draw ``init_image`` keeping its depth; returns (images, depth image used).
 
@@ -254,6 +257,8 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negat
     ``on_depth(depth_image)`` is called once the depth is known, before sampling starts.
     """
     require_family(model, "depth")
+    if sampler != "ddim":
+        raise UserError(f"depth2img works with the DDIM sampler only, not '{sampler}'")
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
     check_settings(model, sampler="ddim", steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)

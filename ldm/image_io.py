@@ -18,7 +18,8 @@ from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SAMPLE_PATTERN = re.compile(r"^(\d{5})\.png$")
+# a sample NNNNN.png and what is written beside it (NNNNN-depth.png) share its number
+SAMPLE_PATTERN = re.compile(r"^(\d{5})(?:-[\w-]+)?\.png$")
 GRID_PATTERN = re.compile(r"^grid-(\d{4})\.png$")
 WATERMARK = b"SDV2"
 # (label in the text chunk, key in the parameters dict), in the order written
@@ -50,6 +51,17 @@ def next_index(directory, pattern=SAMPLE_PATTERN):
         return 0
     numbers = [int(m.group(1)) for p in directory.iterdir() if (m := pattern.match(p.name))]
     return max(numbers, default=-1) + 1
+
+
+def ensure_folder(path):
+    """Create ``path`` (and its parents) or say in one line why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder '{path}' ({err.strerror or err}); "
+                        f"choose another output folder") from None
+    return path
 
 
 def _write_new(image, directory, pattern, name_for, pnginfo):
@@ -152,14 +164,32 @@ def save_samples(images, outdir, parameters=None, *, no_watermark=False, waterma
 
     ``parameters``: one dict for all images or one per image. Returns the paths written.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = ensure_folder(outdir)
     encoder = watermarker if watermarker is not None else make_watermarker(no_watermark)
     paths = []
     for image, params in zip(images, _per_image(parameters, len(images))):
         paths.append(_write_new(put_watermark(image, encoder), outdir, SAMPLE_PATTERN,
                                 lambda i: f"{i:05}.png", _pnginfo(params)))
     return paths
+
+
+def save_companion(image, sample_path, suffix):
+    """Save ``image`` beside a sample as ``NNNNN-<suffix>.png``, never over an existing file.
+
+    The sample's number was free for companions too (numbering counts them), so a clash means
+    another run wrote there meanwhile: the image then goes under the next free ``-<suffix>-K``.
+    """
+    sample_path = Path(sample_path)
+    stem = f"{sample_path.stem}-{suffix}"
+    for k in range(1000):
+        path = sample_path.with_name(f"{stem}.png" if k == 0 else f"{stem}-{k}.png")
+        try:
+            with open(path, "xb") as f:
+                image.save(f, format="PNG")
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"too many files named {stem}-*.png in {sample_path.parent}; clean the folder up")
 
 
 def make_grid(images, n_rows):
@@ -179,8 +209,7 @@ def make_grid(images, n_rows):
 
 def save_grid(images, outdir, n_rows, parameters=None, *, no_watermark=False, watermarker=None):
     """Save a grid of ``images`` as ``outdir/grid-NNNN.png``; returns its path."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = ensure_folder(outdir)
     encoder = watermarker if watermarker is not None else make_watermarker(no_watermark)
     grid = put_watermark(make_grid(images, n_rows), encoder)
     return _write_new(grid, outdir, GRID_PATTERN, lambda i: f"grid-{i:04}.png",

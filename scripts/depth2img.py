@@ -8,32 +8,26 @@ The depth comes from the checkpoint's MiDaS weights (depth_model.*) or from --de
 near). The depth map used is written beside each result as OUTDIR/samples/NNNNN-depth.png.
 """
 import sys
-from pathlib import Path
 
-from ldm.cli import (ArgumentParser, Saver, add_common_args, check_common_args, check_latent_flags,
-                     load_model_for, model_hash_for, read_prompts, run, setup_logging)
-from ldm.errors import UserError
+from ldm.cli import (ArgumentParser, Saver, add_common_args, check_common_args, existing_file, generate_and_save,
+                     number_in, prepare, run)
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, outdir="outputs/depth2img-samples", samplers=("ddim",))
+    parser.set_defaults(scale=9.0)
+    parser.add_argument("--init-img", type=existing_file("init image"), required=True,
+                        help="path to the input image")
+    parser.add_argument("--strength", type=number_in("--strength", 0.0, 1.0), default=0.9,
+                        help="how much to change the init image, 0.0 to 1.0 (its depth is kept)")
+    parser.add_argument("--depth-map", type=existing_file("depth map"), default=None,
+                        help="depth image to use instead of MiDaS (white = near; resized to the image)")
+    return parser
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, outdir="outputs/depth2img-samples")
-    parser.set_defaults(scale=9.0)
-    parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
-    parser.add_argument("--strength", type=float, default=0.9,
-                        help="how much to change the init image, 0.0 to 1.0 (its depth is kept)")
-    parser.add_argument("--depth-map", type=str, default=None,
-                        help="depth image to use instead of MiDaS (white = near; resized to the image)")
-    args = parser.parse_args(argv)
-    check_common_args(args)
-    if not 0.0 <= args.strength <= 1.0:
-        raise UserError(f"--strength must be from 0.0 to 1.0, got {args.strength}")
-    if args.plms or args.dpm:
-        raise UserError("depth2img works with the DDIM sampler only; drop --plms/--dpm")
-    for what, path in (("init image", args.init_img), ("depth map", args.depth_map)):
-        if path is not None and not Path(path).is_file():
-            raise UserError(f"{what} '{path}' does not exist")
-    return args
+    return check_common_args(build_parser().parse_args(argv))
 
 
 class DepthSaver(Saver):
@@ -45,36 +39,23 @@ class DepthSaver(Saver):
         self.depth_image = image
 
     def __call__(self, images, prompts):
+        from ldm.image_io import save_companion
         before = len(self.saved)
         super().__call__(images, prompts)
         for path in self.saved[before:]:
-            self.depth_image.save(path.with_name(f"{path.stem}-depth.png"))
+            save_companion(self.depth_image, path, "depth")
 
 
 def _main(argv):
     args = parse_args(argv)
     from ldm.generate_variants import depth2img, open_image
     from ldm.image_io import load_image
-    setup_logging(args.verbose)
     init_image = load_image(args.init_img)
     depth_map = open_image(args.depth_map, "depth map") if args.depth_map is not None else None
-    prompts = read_prompts(args)
-    model = load_model_for(args)
-    check_latent_flags(args, model)
-    parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler="ddim",
-                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
-                      eta=args.ddim_eta or None, strength=args.strength)
-    saver = DepthSaver(args, parameters)
-    try:
-        depth2img(model, init_image, prompts, strength=args.strength, depth_map=depth_map,
-                  negative_prompt=args.negative_prompt, steps=args.steps, scale=args.scale, eta=args.ddim_eta,
-                  seed=args.seed, n_samples=args.n_samples, n_iter=args.n_iter, precision=args.precision,
-                  bf16=args.bf16, on_batch=saver, on_depth=saver.set_depth)
-    except BaseException:
-        saver.report_partial()
-        raise
-    print(saver.finish())
-    return 0
+    model, prompts = prepare(args)
+    return generate_and_save(args, lambda on_batch, **kw: depth2img(
+        model, init_image, prompts, strength=args.strength, depth_map=depth_map, on_batch=on_batch,
+        on_depth=on_batch.set_depth, **kw), saver_class=DepthSaver, strength=args.strength)
 
 
 def main(argv=None):

@@ -6,54 +6,33 @@ The init image is shrunk to a multiple of 64 pixels per side. --strength 0 keeps
 it. Outputs go to OUTDIR/samples/NNNNN.png and OUTDIR/grid-NNNN.png, never overwriting.
 """
 import sys
-from pathlib import Path
 
-from ldm.cli import (ArgumentParser, Saver, add_common_args, check_common_args,
-                     check_latent_flags, load_model_for, model_hash_for, read_prompts, run,
-                     sampler_name, setup_logging)
-from ldm.errors import UserError
+from ldm.cli import (ArgumentParser, add_common_args, check_common_args, existing_file, generate_and_save,
+                     number_in, prepare, run)
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, outdir="outputs/img2img-samples", samplers=("ddim",))
+    parser.add_argument("--init-img", type=existing_file("init image"), required=True,
+                        help="path to the input image")
+    parser.add_argument("--strength", type=number_in("--strength", 0.0, 1.0), default=0.75,
+                        help="how much to change the init image, 0.0 to 1.0")
+    return parser
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, outdir="outputs/img2img-samples")
-    parser.add_argument("--init-img", type=str, required=True, help="path to the input image")
-    parser.add_argument("--strength", type=float, default=0.75,
-                        help="how much to change the init image, 0.0 to 1.0")
-    args = parser.parse_args(argv)
-    check_common_args(args)
-    if not 0.0 <= args.strength <= 1.0:
-        raise UserError(f"--strength must be from 0.0 to 1.0, got {args.strength}")
-    if args.plms or args.dpm:
-        raise UserError("img2img works with the DDIM sampler only; drop --plms/--dpm")
-    if not Path(args.init_img).is_file():
-        raise UserError(f"init image '{args.init_img}' does not exist")
-    return args
+    return check_common_args(build_parser().parse_args(argv))
 
 
 def _main(argv):
     args = parse_args(argv)
     from ldm.generate import img2img
     from ldm.image_io import load_image
-    setup_logging(args.verbose)
     init_image = load_image(args.init_img)
-    prompts = read_prompts(args)
-    model = load_model_for(args)
-    check_latent_flags(args, model)
-    parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler="ddim",
-                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
-                      eta=args.ddim_eta or None, strength=args.strength)
-    saver = Saver(args, parameters)
-    try:
-        img2img(model, init_image, prompts, strength=args.strength,
-                negative_prompt=args.negative_prompt, steps=args.steps, scale=args.scale,
-                eta=args.ddim_eta, seed=args.seed, n_samples=args.n_samples, n_iter=args.n_iter,
-                precision=args.precision, bf16=args.bf16, on_batch=saver)
-    except BaseException:
-        saver.report_partial()
-        raise
-    print(saver.finish())
-    return 0
+    model, prompts = prepare(args)
+    return generate_and_save(args, lambda on_batch, **kw: img2img(
+        model, init_image, prompts, strength=args.strength, on_batch=on_batch, **kw), strength=args.strength)
 
 
 def main(argv=None):

@@ -10,10 +10,9 @@ An inpainting checkpoint (9 U-Net input channels) is used as such; any text-to-i
 Outputs go to OUTDIR/samples/NNNNN.png and OUTDIR/grid-NNNN.png, never overwriting.
 """
 import sys
-from pathlib import Path
 
-from ldm.cli import (ArgumentParser, Saver, add_common_args, check_common_args, check_latent_flags,
-                     load_model_for, model_hash_for, read_prompts, run, sampler_name, setup_logging)
+from ldm.cli import (ArgumentParser, add_common_args, check_common_args, existing_file, generate_and_save, prepare,
+                     run)
 from ldm.errors import UserError
 
 
@@ -28,23 +27,25 @@ def parse_outpaint(text):
     return amounts
 
 
-def parse_args(argv):
+def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, outdir="outputs/inpaint-samples")
-    parser.add_argument("--init-img", type=str, required=True, help="path to the image to repaint")
-    parser.add_argument("--mask", type=str, default=None,
+    parser.add_argument("--init-img", type=existing_file("init image"), required=True,
+                        help="path to the image to repaint")
+    parser.add_argument("--mask", type=existing_file("mask"), default=None,
                         help="mask image: white = repaint, black = keep (any mode; resized to the image)")
     parser.add_argument("--outpaint", type=str, default=None, metavar="L,R,T,B",
                         help="extend the canvas by these pixels left,right,top,bottom (rounded up to "
                              "multiples of 8) and fill the new area")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
     check_common_args(args)
     args.outpaint = parse_outpaint(args.outpaint) if args.outpaint is not None else None
     if args.mask is None and args.outpaint is None:
         raise UserError("pass --mask (white = repaint) or --outpaint, or both")
-    for flag, path in (("init image", args.init_img), ("mask", args.mask)):
-        if path is not None and not Path(path).is_file():
-            raise UserError(f"{flag} '{path}' does not exist")
     return args
 
 
@@ -52,26 +53,13 @@ def _main(argv):
     args = parse_args(argv)
     from ldm.generate_variants import inpaint, open_image, outpaint_canvas
     from ldm.image_io import load_image
-    setup_logging(args.verbose)
     image = load_image(args.init_img)
     mask = open_image(args.mask, "mask") if args.mask is not None else None
     if args.outpaint is not None:
         image, mask = outpaint_canvas(image, mask, *args.outpaint)
-    prompts = read_prompts(args)
-    model = load_model_for(args)
-    check_latent_flags(args, model)
-    parameters = dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler_name(args),
-                      scale=args.scale, seed=args.seed, model_hash=model_hash_for(args))
-    saver = Saver(args, parameters)
-    try:
-        inpaint(model, image, mask, prompts, negative_prompt=args.negative_prompt, sampler=sampler_name(args),
-                steps=args.steps, scale=args.scale, eta=args.ddim_eta, seed=args.seed, n_samples=args.n_samples,
-                n_iter=args.n_iter, precision=args.precision, bf16=args.bf16, on_batch=saver)
-    except BaseException:
-        saver.report_partial()
-        raise
-    print(saver.finish())
-    return 0
+    model, prompts = prepare(args)
+    return generate_and_save(args, lambda on_batch, **kw: inpaint(
+        model, image, mask, prompts, on_batch=on_batch, **kw))
 
 
 def main(argv=None):

@@ -19,3 +19,132 @@ def test_attention_precision_follows_attn_precision():
     assert attention_options(args, environ={"ATTN_PRECISION": "fp16"}) == ("sdpa", False)
     # without CUDA, auto never picks xformers
     assert attention_options(SimpleNamespace(attention="auto"), environ={})[0] == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------
+# the docs list exactly the flags the parsers take
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ldm.image_io import read_parameters  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLING_SCRIPTS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "unclip")
+FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
+
+
+def _section(text, heading):
+    """The text under the first heading line containing ``heading``, up to the next heading."""
+    lines, fenced = [], False
+    for line in text.splitlines():   # comments in code blocks are not headings
+        fenced ^= line.startswith("```")
+        lines.append("" if fenced else line)
+    start = next(i for i, line in enumerate(lines) if line.startswith("#") and heading in line)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
+    return lines[start + 1:end]
+
+
+def _table_flags(lines):
+    """{flag: last cell} of a markdown table's rows (first cell holds one or more flags)."""
+    flags = {}
+    for line in lines:
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            for flag in FLAG.findall(cells[0]):
+                flags[flag] = cells[-1]
+    return flags
+
+
+def _documented_flags(script):
+    readme = (REPO / "README.md").read_text()
+    variants = (REPO / "docs" / "variants.md").read_text()
+    common = _table_flags(_section(readme, "Flags of the sampling scripts"))
+    flags = {f for f, scope in common.items() if scope == "all" or script in scope.split(", ")}
+    own = _section(readme, f"`scripts/{script}.py`") if script in ("txt2img", "img2img") \
+        else _section(variants, f"`scripts/{script}.py`")
+    return flags | set(_table_flags(own)) | {"--help"}
+
+
+def _parser_flags(scripts, script):
+    parser = scripts.load(script).build_parser()
+    return {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
+
+
+@pytest.mark.parametrize("script", SAMPLING_SCRIPTS)
+def test_docs_list_exactly_the_flags_each_script_takes(scripts, script):
+    assert _documented_flags(script) == _parser_flags(scripts, script)
+
+
+@pytest.mark.parametrize("script, flag", [("img2img", "--plms"), ("img2img", "--dpm"),
+                                          ("depth2img", "--plms"), ("img2img", "--H"),
+                                          ("img2img", "--fixed_code"), ("upscale", "--H")])
+def test_flags_a_script_does_not_take_are_refused(scripts, tmp_path, capsys, script, flag):
+    (tmp_path / "x.png").write_bytes(b"")
+    assert scripts.load(script).main(["--init-img", str(tmp_path / "x.png"), flag,
+                                      "--outdir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unrecognized arguments") and flag in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# settings that would be recorded but not used are refused
+
+@pytest.mark.parametrize("sampler_flag", ["--dpm", "--plms"])
+def test_eta_with_a_deterministic_sampler_is_refused(scripts, tmp_path, capsys, sampler_flag):
+    out = tmp_path / "out"
+    assert scripts.load("txt2img").main([sampler_flag, "--ddim_eta", "0.5", "--outdir", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --ddim_eta: ") and "DDIM only" in err[0]
+    assert not out.exists()
+
+
+def test_library_refuses_eta_for_dpm(tiny_model):
+    from ldm.errors import UserError
+    from ldm.generate import txt2img
+    with pytest.raises(UserError, match="deterministic"):
+        txt2img(tiny_model, "a red circle", sampler="dpm", steps=2, eta=0.5, progress=False)
+
+
+def test_outdir_that_is_a_file_is_one_line_and_the_file_is_kept(scripts, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    assert scripts.load("txt2img").main(["--outdir", str(target), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --outdir") and "is a file" in err[0]
+    assert target.read_text() == "keep me"
+
+
+def test_outdir_under_a_file_is_one_line(scripts, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert scripts.load("txt2img").main(["--outdir", str(tmp_path / "file" / "sub"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "which is a file" in err[0]
+
+
+def test_unwritable_outdir_fails_before_sampling(tiny_model, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ldm import cli
+    from ldm.errors import UserError
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    args = SimpleNamespace(outdir=str(tmp_path / "out"), no_watermark=True, skip_save=False)
+    with pytest.raises(UserError, match="cannot create the output folder .*Permission denied"):
+        cli.Saver(args, {})
+
+
+def test_grid_parameters_name_the_prompts_it_shows(scripts, tiny_files, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "out"
+    flags = ["--ckpt", str(tiny_files.ckpt), "--config", str(tiny_files.config), "--device", "cpu"]
+    assert scripts.load("txt2img").main([*flags, "--from-file", str(prompts), "--repeat", "2",
+                                         "--n_samples", "2", "--steps", "1", "--outdir", str(out)]) == 0
+    grid = read_parameters(out / "grid-0000.png")
+    assert grid["prompt"] == "a red circle\na blue square"
+    assert grid["steps"] == "1" and grid["size"] == "16x16"

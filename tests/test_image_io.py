@@ -103,3 +103,30 @@ def test_load_image_errors_are_user_errors(tmp_path):
         load_image(tmp_path / "bad.png")
     noise_image().convert("L").save(tmp_path / "grey.png")
     assert load_image(tmp_path / "grey.png").mode == "RGB"
+
+
+def test_companion_files_keep_their_number_taken(tmp_path):
+    from ldm.image_io import save_companion, save_samples
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    first = save_samples([red], tmp_path, no_watermark=True)[0]
+    save_companion(blue, first, "depth")
+    first.unlink()  # the sample is deleted, its depth map stays behind
+    again = save_samples([red], tmp_path, no_watermark=True)[0]
+    assert again.name == "00001.png"  # a new number, not 00000 again
+    with Image.open(tmp_path / "00000-depth.png") as stale:
+        assert stale.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_save_companion_never_overwrites(tmp_path):
+    from ldm.image_io import save_companion
+    sample = tmp_path / "00007.png"
+    (tmp_path / "00007-depth.png").write_bytes(b"earlier")
+    path = save_companion(Image.new("L", (4, 4), 9), sample, "depth")
+    assert path.name == "00007-depth-1.png"
+    assert (tmp_path / "00007-depth.png").read_bytes() == b"earlier"
+
+
+def test_unwritable_folder_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        save_samples([Image.new("RGB", (8, 8))], tmp_path / "file" / "sub", no_watermark=True)

@@ -3,10 +3,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.errors import UserError
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import DDIMSampler, _check_batch
 from ldm.models.diffusion.guidance import GuidedModel
+from ldm.models.diffusion.samplers import check_eta
 
 
 def multistep_eps(e_t, old_eps):
@@ -27,8 +27,7 @@ class PLMSSampler(DDIMSampler):
     """
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
-        if ddim_eta != 0:
-            raise UserError("PLMS is deterministic: ddim_eta must be 0")
+        check_eta("plms", ddim_eta)
         super().make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=ddim_eta, verbose=verbose)
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ from tqdm import tqdm
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import _check_batch
 from ldm.models.diffusion.guidance import GuidedModel
+from ldm.models.diffusion.samplers import check_eta
 
 from .dpm_solver import DPMSolverPP, NoiseScheduleVP
 
@@ -21,6 +22,7 @@ class DPMSolverSampler:
                score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
                unconditional_guidance_scale=1., unconditional_conditioning=None, progress=True, order=2, **kwargs):
         """Multistep DPM-Solver++ (order 2, time-uniform, lower order at the end); returns (samples, None)."""
+        check_eta("dpm", eta)
         if mask is not None:
             raise NotImplementedError("DPM-Solver does not support mask/x0 blending; use DDIM for inpainting")
         _check_batch(conditioning, batch_size)
