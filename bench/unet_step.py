@@ -1,14 +1,18 @@
 """One full-size Stable Diffusion 2.x U-Net step on the CPU: seconds, TFLOP/s and peak memory.
 
     python bench/unet_step.py [--sizes 64 96] [--dtypes fp32 bf16] [--repeats 5]
-                              [--out bench/results/unet_step.json]
+                              [--out bench/results/unet_step.json --force]
 
 The U-Net is built from the `unet_config` of configs/stable-diffusion/v2-inference.yaml with random
 weights (activation checkpointing off: this is inference). One step is one forward at
 classifier-free-guidance batch 2: latents [2, 4, S, S], timesteps [2], context [2, 77, 1024].
 
-Precisions: `fp32`; `bf16` runs two ways, `bf16-autocast` (fp32 weights under CPU autocast) and
-`bf16-weights` (weights and inputs cast to bfloat16). FLOPs are counted once per shape with
+Precisions: `fp32`; `bf16` runs two ways, `bf16-autocast` (fp32 weights under CPU autocast, as
+`--bf16`) and `bf16-weights` (weights and inputs cast to bfloat16, as a `use_bf16` config). Which
+path runs is decided by ldm.precision, as in the scripts: `native bf16` on a CPU with AVX512-BF16
+or AMX-BF16, else `fp32 fallback` (the bf16 rows then time float32), or with `--force-bf16`
+`emulated bf16 (forced)`; the table and JSON name the path and the CPU capability string.
+FLOPs are counted once per shape with
 torch.utils.flop_counter.FlopCounterMode. Each (implementation, precision) runs in its own
 process, shapes in ascending order, so its peak RSS is its own: the peak after a shape covers the
 weights plus the largest activations so far.
@@ -30,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _results import add_out_arguments, results_path, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
@@ -93,29 +99,41 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def make_step(model, impl, size, mode, context_dim):
+def precision_path(mode, force_bf16):
+    """The ldm.precision decision for ``mode``: what --bf16 (autocast) or a use_bf16 config
+    (weights) would run on this CPU. Returns (Precision, autocast_bf16, weights_bf16)."""
+    from ldm.precision import choose_precision
+
+    requested = torch.float32 if mode == "fp32" else torch.bfloat16
+    chosen = choose_precision(requested, torch.device("cpu"), force=force_bf16,
+                              requested_by=f"mode {mode}", force_hint="--force-bf16")
+    bf16 = chosen.dtype == torch.bfloat16
+    return chosen, bf16 and mode == "bf16-autocast", bf16 and mode == "bf16-weights"
+
+
+def make_step(model, impl, size, weights_bf16, context_dim):
     gen = torch.Generator().manual_seed(size)
     x = torch.randn(BATCH, 4, size, size, generator=gen)
     t = torch.full((BATCH,), TIMESTEP, dtype=torch.long)
     context = torch.randn(BATCH, CONTEXT_LEN, context_dim, generator=gen)
-    if mode == "bf16-weights":
+    if weights_bf16:
         x, context = x.bfloat16(), context.bfloat16()
     if impl == "diffusers":
         return lambda: model(x, t, encoder_hidden_states=context).sample
     return lambda: model(x, t, context=context)
 
 
-def precision_context(mode):
-    if mode == "bf16-autocast":
+def precision_context(autocast_bf16):
+    if autocast_bf16:
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 
-def count_flops(step, mode):
+def count_flops(step, autocast_bf16):
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), precision_context(mode), counter:
+    with torch.no_grad(), precision_context(autocast_bf16), counter:
         step()
     return counter.get_total_flops()
 
@@ -124,20 +142,24 @@ def run_worker(args):
     """Times one (implementation, precision) over every size; prints one JSON line."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ldm.precision import host_cpu
+
     params = unet_params(args.config, args.smoke)
+    chosen, autocast_bf16, weights_bf16 = precision_path(args.mode, args.force_bf16)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = (build_diffusers if args.impl == "diffusers" else build_ours)(params).eval()
-    if args.mode == "bf16-weights":
+    if weights_bf16:
         model = model.to(torch.bfloat16)
     build_s = time.perf_counter() - t0
-    info = {"impl": args.impl, "mode": args.mode, "build_s": build_s,
+    info = {"impl": args.impl, "mode": args.mode, "path": chosen.path,
+            "cpu_capability": host_cpu().capability, "build_s": build_s,
             "params": sum(p.numel() for p in model.parameters()),
             "model_rss_gb": current_rss_gb(), "threads": torch.get_num_threads(), "rows": []}
     for size in sorted(args.sizes):
-        step = make_step(model, args.impl, size, args.mode, params["context_dim"])
-        flops = count_flops(step, args.mode) if args.count_flops else None
-        with torch.inference_mode(), precision_context(args.mode):
+        step = make_step(model, args.impl, size, weights_bf16, params["context_dim"])
+        flops = count_flops(step, autocast_bf16) if args.count_flops else None
+        with torch.inference_mode(), precision_context(autocast_bf16):
             for _ in range(args.warmup):
                 out = step()
             times = []
@@ -160,6 +182,7 @@ def spawn_worker(args, impl, mode, count):
     cmd += ["--count-flops"] if count else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--force-bf16"] if args.force_bf16 else []
     print(f"... {impl} {mode}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -176,24 +199,33 @@ def machine_info():
                               if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from ldm.precision import NAMES, host_cpu
+
+    cpu = host_cpu()
     return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version()}
+            "cpu_capability": cpu.capability,
+            "native_half": sorted(NAMES[dtype] for dtype in cpu.native),
+            "native_half_from": cpu.source, "python": platform.python_version()}
 
 
-def print_table(results):
-    head = (f"{'impl':<10} {'precision':<14} {'latent':>7} {'s/step':>8} {'min s':>8} "
+def print_table(results, machine):
+    native = ", ".join(machine["native_half"]) or "none"
+    print(f"CPU: {machine['cpu']}; PyTorch CPU kernels: {machine['cpu_capability']}; "
+          f"native half types: {native} (from {machine['native_half_from']})")
+    head = (f"{'impl':<10} {'precision':<14} {'path':<22} {'latent':>7} {'s/step':>8} {'min s':>8} "
             f"{'GFLOP':>8} {'TFLOP/s':>8} {'peak RSS GB':>12}")
     print(head)
     print("-" * len(head))
     for res in results:
+        path = res.get("path", "-")
         if res.get("error"):
-            print(f"{res['impl']:<10} {res['mode']:<14} failed: {res['error']}")
+            print(f"{res['impl']:<10} {res['mode']:<14} {path:<22} failed: {res['error']}")
         for row in res["rows"]:
             gflop = f"{row['flops'] / 1e9:.0f}" if row.get("flops") else "-"
             tflops = f"{row['tflops']:.3f}" if row.get("tflops") else "-"
-            print(f"{res['impl']:<10} {res['mode']:<14} {row['size']:>4}^2 {row['median_s']:>8.2f} "
-                  f"{row['min_s']:>8.2f} {gflop:>8} {tflops:>8} {row['peak_rss_gb']:>12.2f}")
+            print(f"{res['impl']:<10} {res['mode']:<14} {path:<22} {row['size']:>4}^2 "
+                  f"{row['median_s']:>8.2f} {row['min_s']:>8.2f} {gflop:>8} {tflops:>8} "
+                  f"{row['peak_rss_gb']:>12.2f}")
 
 
 def run_all(args):
@@ -213,7 +245,11 @@ def run_all(args):
                 row["flops"] = flops.get(row["size"])
                 row["tflops"] = row["flops"] / row["median_s"] / 1e12 if row["flops"] else None
             results.append(res)
-    print_table(results)
+    machine = machine_info()
+    if any(res.get("path") == "fp32 fallback" for res in results):
+        notes.append("no native bf16 on this CPU: the bf16 rows ran float32, as --bf16 would; "
+                     "--force-bf16 times emulated bf16 (often 100x slower)")
+    print_table(results, machine)
     for note in notes:
         print(f"note: {note}")
     report = {"what": "one U-Net forward, CFG batch 2, context [2, 77, D], median of repeats "
@@ -221,13 +257,10 @@ def run_all(args):
               "config": str(Path(args.config).resolve().relative_to(REPO))
               if Path(args.config).resolve().is_relative_to(REPO) else str(args.config),
               "smoke": args.smoke, "sizes": args.sizes, "repeats": args.repeats,
-              "warmup": args.warmup, "machine": machine_info(), "notes": notes,
+              "warmup": args.warmup, "force_bf16": args.force_bf16, "machine": machine,
+              "notes": notes,
               "results": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.out}")
+    write_results(args.out, report)
     return 1 if any(res.get("error") for res in results) else 0
 
 
@@ -241,7 +274,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--smoke", action="store_true", help="tiny widths, to check the script itself")
-    p.add_argument("--out", default=None, help="JSON output, e.g. bench/results/unet_step.json")
+    p.add_argument("--force-bf16", action="store_true",
+                   help="time bf16 even on a CPU without native bf16 (emulated: often 100x slower); "
+                        "without it such a CPU runs the bf16 rows in float32, as --bf16 would")
+    add_out_arguments(p, "unet_step")
     # internal: one worker process per (implementation, precision)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
@@ -259,6 +295,11 @@ def main(argv=None):
     if args.worker:
         run_worker(args)
         return 0
+    try:
+        args.out = results_path(args.out, args.force, "unet_step")   # refused before minutes of work
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return run_all(args)
 
 

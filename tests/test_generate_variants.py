@@ -1,8 +1,6 @@
 """ldm.generate_variants on tiny random-weight models: inpainting (blend and 9-channel), depth,
 tiled upscaling and unCLIP variations, plus the image/mask/tile helpers they rest on."""
-import importlib.util
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,20 +10,9 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm import generate_variants as gv
+from tiny_models import depth_config, inpaint_config, unclip_config, upscale_config
 
 STEPS = dict(steps=2, progress=False)
-
-
-def family_configs():
-    """The tiny per-family config builders of tests/models/diffusion/test_variants.py."""
-    path = Path(__file__).resolve().parent / "models" / "diffusion" / "test_variants.py"
-    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-VARIANTS = family_configs()
 
 
 def rgb(w, h, seed=0):
@@ -144,7 +131,7 @@ def test_blend_inpaint_refuses_dpm(tiny_model):
 
 @pytest.fixture(scope="module")
 def inpaint_model(tiny):
-    return tiny.build(VARIANTS.inpaint_config(tiny))
+    return tiny.build(inpaint_config())
 
 
 def test_inpainting_model_keeps_the_input_size(inpaint_model):
@@ -158,7 +145,7 @@ def test_inpainting_model_keeps_the_input_size(inpaint_model):
 # ------------------------------------------------------------------------------------------- depth
 @pytest.fixture(scope="module")
 def depth_model(tiny):
-    return tiny.build(VARIANTS.depth_config(tiny))   # MiDaS without weights: depth maps must be given
+    return tiny.build(depth_config())   # MiDaS without weights: depth maps must be given
 
 
 @pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.uint16, 65535)])   # 8- and 16-bit depth images
@@ -180,7 +167,7 @@ def test_depth2img_without_depth_weights_asks_for_a_depth_map(depth_model):
 # ------------------------------------------------------------------------------------------- upscaling
 @pytest.fixture(scope="module")
 def upscale_model(tiny):
-    return tiny.build(VARIANTS.upscale_config(tiny))
+    return tiny.build(upscale_config())
 
 
 def test_upscale_tiles_never_exceed_the_tile_size(upscale_model):
@@ -227,7 +214,7 @@ def test_upscale_refuses_bad_settings(upscale_model, kwargs, message):
 def unclip_model(tiny, tmp_path_factory):
     stats = tmp_path_factory.mktemp("karlo") / "stats.th"
     torch.save((torch.zeros(16), torch.ones(16)), stats)
-    return tiny.build(VARIANTS.unclip_config(tiny, stats))
+    return tiny.build(unclip_config(stats))
 
 
 def test_unclip_variations_from_image_and_embedding(unclip_model, tmp_path):

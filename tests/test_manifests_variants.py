@@ -3,15 +3,12 @@ official checkpoints key for key (same approach as test_manifests.py: full size,
 
 Refresh the local manifest copies with ``python tests/test_manifests_variants.py --refresh``.
 """
-import json
-import sys
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from test_manifests import (CONFIGS, DATA, SHARED, SHOW, build_on_meta, compact_manifest, describe_differences,
-                            load_manifest)
+from official_manifests import (build_on_meta, check_all_fp32, check_copy_is_current, check_state_dict, load_config,
+                                load_manifest, refresh_main)
 
 MANIFESTS = ["v2-inpainting-inference", "v2-midas-inference", "x4-upscaling", "v2-1-stable-unclip-l-inference",
              "v2-1-stable-unclip-h-inference"]
@@ -30,20 +27,12 @@ def karlo_stats(tmp_path, monkeypatch):
     return path
 
 
-def load_config(name):
-    return OmegaConf.load(CONFIGS / f"{name}.yaml")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_state_dict_matches_official(name, karlo_stats):
-    manifest = load_manifest(name)
     state = build_on_meta(load_config(name)).state_dict()
-    ours = {key: list(tensor.shape) for key, tensor in state.items()}
-    report = describe_differences(ours, manifest["state_dict"])
-    assert not report, f"{name}.yaml vs {manifest['config_file']}:\n{report}"
-    not_fp32 = [f"{k}: {t.dtype}" for k, t in state.items() if t.dtype != torch.float32]
-    assert not not_fp32, f"{len(not_fp32)} non-fp32 entries, e.g. {not_fp32[:SHOW]}"
+    check_state_dict(name, load_manifest(name), state)
+    check_all_fp32(state)
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
@@ -55,27 +44,8 @@ def test_config_matches_official(name):
 
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_local_manifest_copy_is_current(name):
-    shared = SHARED / f"{name}.json"
-    if not shared.exists():
-        pytest.skip(f"no shared reference manifests at {SHARED}")
-    with open(shared) as f:
-        reference = compact_manifest(json.load(f))
-    assert load_manifest(name) == reference, (
-        f"tests/data/manifests/{name}.json differs from {shared}; "
-        "run `python tests/test_manifests_variants.py --refresh`")
-
-
-def refresh():
-    for name in MANIFESTS:
-        with open(SHARED / f"{name}.json") as f:
-            compact = compact_manifest(json.load(f))
-        with open(DATA / f"{name}.json", "w") as f:
-            json.dump(compact, f, separators=(",", ":"))
-            f.write("\n")
-        print(f"wrote {DATA / name}.json ({len(compact['state_dict'])} keys)")
+    check_copy_is_current(name, "python tests/test_manifests_variants.py --refresh")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--refresh"]:
-        sys.exit("usage: python tests/test_manifests_variants.py --refresh")
-    refresh()
+    refresh_main("test_manifests_variants.py", MANIFESTS)

@@ -1,8 +1,9 @@
 """A procedurally generated text-to-image dataset: one solid shape on a plain background.
 
 Every image is drawn on the fly from its index (no files on disk) so a tiny latent diffusion model
-can be trained and checked on CPU. The same vocabulary is read back from pixels by
-:func:`ldm.data.shapes_describe.describe`, which is how generated images are scored.
+can be trained and checked on CPU. The vocabulary and palette are in
+:mod:`ldm.data.shapes_vocabulary`; :func:`describe` (from :mod:`ldm.data.shapes_describe`) reads
+them back from pixels, which is how generated images are scored.
 
 Geometry is expressed in fractions of the image side, so every ``size`` draws the same picture:
 
@@ -21,16 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ldm.data.shapes_describe import describe  # noqa: F401  (public here: reads images back)
+from ldm.data.shapes_vocabulary import (ATTRIBUTES, BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, EXTENT_RANGE,
+                                        POSITIONS, SHAPES, SIZES, VOCABULARY, shape_reach)
 from ldm.errors import UserError
-
-SHAPES = ("circle", "square", "triangle")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-BACKGROUNDS = ("white", "black", "gray")
-SIZES = ("small", "large")
-POSITIONS = ("left", "right", "top", "bottom", "center")
-ATTRIBUTES = ("size", "colour", "shape", "position", "background")
-VOCABULARY = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS, "size": SIZES,
-              "position": POSITIONS}
 
 # (colour, shape) pairs that the training split never shows.
 HELD_OUT_PAIRS = (("purple", "triangle"), ("orange", "square"), ("green", "circle"))
@@ -45,20 +40,6 @@ POSITION_PHRASES = {
     "center": "in the center",
 }
 
-# Chosen so that every pair of shape colours is >= 95/255 apart in RGB and every shape colour is
-# >= 108/255 from every background (purple on gray is the closest).
-COLOUR_RGB = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 60, 220),
-    "yellow": (240, 225, 25),
-    "purple": (140, 40, 190),
-    "orange": (245, 130, 20),
-}
-BACKGROUND_RGB = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-
-# Bounding-box extent ranges per size category; the gap between them keeps size unambiguous.
-EXTENT_RANGE = {"small": (0.18, 0.26), "large": (0.38, 0.46)}
 # Off-centre positions put the centroid this far from the image centre along their axis...
 OFFSET_RANGE = (0.19, 0.23)
 # ...and every position jitters this much across it (both axes for "center").
@@ -83,15 +64,6 @@ def _check_attributes(attributes, keys=ATTRIBUTES):
 def _check_size(size):
     if int(size) < 16:
         raise UserError(f"shapes image size must be at least 16 pixels, got {size}")
-
-
-def shape_reach(shape, extent):
-    """Distance from the centroid to the bounding box: (left, right, up, down)."""
-    half = extent / 2
-    if shape == "triangle":
-        # Apex up: the centroid sits 2/3 of the height below the apex.
-        return half, half, 2 * extent / 3, extent / 3
-    return half, half, half, half
 
 
 def shape_geometry(attributes, rng=None):
@@ -140,17 +112,6 @@ def render(attributes, size=64, rng=None):
     else:
         pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], fill=fill)
     return canvas.reduce(SUPERSAMPLE)
-
-
-def describe(image):
-    """Read dict(colour, shape, background, size, position) back from pixels (no learning).
-
-    See :func:`ldm.data.shapes_describe.describe`. That module needs this one's palette, so it is
-    imported at call time: a top-level import would make the two modules import each other.
-    """
-    from ldm.data.shapes_describe import describe as read_attributes
-
-    return read_attributes(image)
 
 
 def _with_article(words):

@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ldm.data.shapes import BACKGROUND_RGB, COLOUR_RGB, EXTENT_RANGE, shape_reach
+from ldm.data.shapes_vocabulary import BACKGROUND_RGB, COLOUR_RGB, EXTENT_RANGE, shape_reach
 from ldm.errors import UserError
 
 SIDE = 64

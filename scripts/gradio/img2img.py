@@ -6,46 +6,33 @@ Serves on http://127.0.0.1:7860 by default; without --ckpt/--config it uses the 
 """
 import sys
 
-from webui import import_gradio, load_model, sampling_controls, serve, settings, shown_in_page, watermarked
+from webui import demo_page, image_input, page_handler, require_image, result_gallery, sampling_controls, serve
 
-EXAMPLE = "--ckpt v2-1_512-ema-pruned.ckpt --config configs/stable-diffusion/v2-inference.yaml"
+FAMILIES = ("txt2img",)
 
 
 def make_generate(model, args):
-    gr = import_gradio()
-    from ldm.errors import UserError
     from ldm.generate import img2img
 
-    @shown_in_page
-    def generate(prompt, negative, steps, scale, seed, n_samples, image, strength,
-                 progress=gr.Progress(track_tqdm=True)):
-        if image is None:
-            raise UserError("upload an image first")
-        images = img2img(model, image, strength=float(strength),
-                         **settings(prompt, negative, steps, scale, seed, n_samples))
-        return watermarked(images, args)
+    @page_handler(args)
+    def generate(settings, image, strength):
+        require_image(image)
+        return img2img(model, image, strength=float(strength), **settings)
     return generate
 
 
-def build(args, model=None):
-    gr = import_gradio()
-    if model is None:
-        model = load_model(args, ("txt2img",), EXAMPLE)
-    with gr.Blocks(title="Image to image", analytics_enabled=False) as demo:
-        gr.Markdown("## Image to image\nThe image is shrunk to a multiple of 64 pixels per side.")
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"])
-                controls = sampling_controls(gr, model, args)
-                strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Strength (0 keeps the image)")
-                button = gr.Button("Generate", variant="primary")
-            gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="result")
-        button.click(make_generate(model, args), inputs=[*controls, image, strength], outputs=gallery)
-    return demo
+def build(args, model):
+    def inputs(gr):
+        image = image_input(gr)
+        controls = sampling_controls(gr, model, args)
+        strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Strength (0 keeps the image)")
+        return [*controls, image, strength]
+    return demo_page("Image to image", "The image is shrunk to a multiple of 64 pixels per side.", inputs,
+                     result_gallery, make_generate(model, args))
 
 
 def main(argv=None):
-    return serve(build, argv, __doc__.splitlines()[0])
+    return serve(build, argv, __doc__, FAMILIES)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ text-to-image one (the shipped model by default), see ldm.generate_variants.inpa
 """
 import sys
 
-from webui import import_gradio, load_model, sampling_controls, serve, settings, shown_in_page, watermarked
+from webui import demo_page, page_handler, require_image, result_gallery, sampling_controls, serve
 
-EXAMPLE = "--ckpt 512-inpainting-ema.ckpt --config configs/stable-diffusion/v2-inpainting-inference.yaml"
+FAMILIES = ("inpainting", "txt2img")
 
 
 def mask_of(layers, size):
@@ -24,43 +24,32 @@ def mask_of(layers, size):
 
 
 def make_generate(model, args):
-    gr = import_gradio()
     from ldm.errors import UserError
     from ldm.generate_variants import inpaint
 
-    @shown_in_page
-    def generate(prompt, negative, steps, scale, seed, n_samples, editor, progress=gr.Progress(track_tqdm=True)):
-        if not editor or editor.get("background") is None:
-            raise UserError("upload an image first, then paint over what to repaint")
+    @page_handler(args)
+    def generate(settings, editor):
+        require_image((editor or {}).get("background"), ", then paint over what to repaint")
         image = editor["background"].convert("RGB")
         mask = mask_of(editor.get("layers"), image.size)
         if mask.getbbox() is None:
             raise UserError("paint over the part of the image to repaint first")
-        images = inpaint(model, image, mask, **settings(prompt, negative, steps, scale, seed, n_samples))
-        return watermarked(images, args)
+        return inpaint(model, image, mask, **settings)
     return generate
 
 
-def build(args, model=None):
-    gr = import_gradio()
-    if model is None:
-        model = load_model(args, ("inpainting", "txt2img"), EXAMPLE)
-    with gr.Blocks(title="Inpainting", analytics_enabled=False) as demo:
-        gr.Markdown("## Inpainting\nUpload an image, paint over what to repaint, describe what goes there.")
-        with gr.Row():
-            with gr.Column():
-                editor = gr.ImageEditor(type="pil", label="Image and mask", sources=["upload", "clipboard"],
-                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
-                                        transforms=())
-                controls = sampling_controls(gr, model, args)
-                button = gr.Button("Inpaint", variant="primary")
-            gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="result")
-        button.click(make_generate(model, args), inputs=[*controls, editor], outputs=gallery)
-    return demo
+def build(args, model):
+    def inputs(gr):
+        editor = gr.ImageEditor(type="pil", label="Image and mask", sources=["upload", "clipboard"],
+                                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
+                                transforms=())
+        return [*sampling_controls(gr, model, args), editor]
+    return demo_page("Inpainting", "Upload an image, paint over what to repaint, describe what goes there.", inputs,
+                     result_gallery, make_generate(model, args), button="Inpaint")
 
 
 def main(argv=None):
-    return serve(build, argv, __doc__.splitlines()[0])
+    return serve(build, argv, __doc__, FAMILIES)
 
 
 if __name__ == "__main__":

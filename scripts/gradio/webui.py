@@ -1,10 +1,14 @@
-"""What the web demos share: flags, loading a model of the right family, the prompt and sampling
-controls, watermarking, errors shown in the page, and serving on 127.0.0.1.
+"""What the web demos share: flags, loading a model of the right family, the page layout, the prompt
+and sampling controls, the handler around a generation function (watermarking, errors shown in the
+page), and serving on 127.0.0.1.
 
 Each demo is one command, e.g. ``python scripts/gradio/txt2img.py [--ckpt --config --port]``;
-without --ckpt/--config the shipped default model is used where the family allows it.
+without --ckpt/--config the shipped default model is used where the family allows it. A demo module
+has ``make_generate(model, args)`` (its handler, built with :func:`page_handler`), ``build(args, model)``
+(its page, built with :func:`demo_page`) and ``main`` (:func:`serve`).
 """
 import functools
+import inspect
 
 from ldm.cli import (OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, ArgumentParser, load_model_for, run, setup_logging,
                      uses_shipped_model)
@@ -13,6 +17,8 @@ from ldm.generate import MAX_SEED
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# The values of sampling_controls(), in order, as settings() takes them.
+SAMPLING_INPUTS = ("prompt", "negative_prompt", "steps", "scale", "seed", "n_samples")
 
 
 def import_gradio():
@@ -28,6 +34,7 @@ def parse_args(description, argv):
     add = parser.add_argument
     add("--ckpt", type=str, default=None, help="checkpoint .ckpt/.safetensors (default: the shipped model)")
     add("--config", type=str, default=None, help="model config .yaml (default: the shipped model's)")
+    add("--trust-config", action="store_true", help="build any class the --config names (README: Safe loading)")
     add("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
     add("--host", type=str, default=DEFAULT_HOST,
         help=f"address to serve on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes the demo)")
@@ -40,8 +47,9 @@ def parse_args(description, argv):
     return args
 
 
-def load_model(args, families, example):
-    """The model of --ckpt/--config (or the shipped one), refused unless it is one of ``families``."""
+def load_model(args, families, example=None):
+    """The model of --ckpt/--config (or the shipped one), refused unless it is one of ``families``.
+    ``example`` shows the flags for a model of the family when the shipped one does not fit."""
     from ldm.generate_variants import FAMILY_NAMES, require_family
     if "txt2img" not in families and uses_shipped_model(args.ckpt, args.config):
         wanted = " or ".join(FAMILY_NAMES[f] for f in families)
@@ -72,6 +80,36 @@ def sampling_controls(gr, model, args, scale=None, prompt=None):
     return controls
 
 
+def image_input(gr, label="Image"):
+    return gr.Image(type="pil", label=label, sources=["upload", "clipboard"])
+
+
+def result_gallery(gr, columns=2):
+    return gr.Gallery(label="Images", format="png", columns=columns, elem_id="result")
+
+
+def demo_page(title, intro, inputs, outputs, handler, button="Generate"):
+    """A page: ``title`` as heading and ``intro`` below it; on the left the components ``inputs(gr)``
+    returns and a ``button``, on the right those ``outputs(gr)`` returns. The button calls ``handler``
+    with the values of the inputs, in the order returned, and shows what it returns in the outputs."""
+    gr = import_gradio()
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}\n{intro}".strip())
+        with gr.Row():
+            with gr.Column():
+                components = inputs(gr)
+                press = gr.Button(button, variant="primary")
+            with gr.Column():
+                shown = outputs(gr)
+        press.click(handler, inputs=components, outputs=shown)
+    return demo
+
+
+def require_image(image, hint=""):
+    if image is None:
+        raise UserError(f"upload an image first{hint}")
+
+
 def settings(prompt, negative_prompt, steps, scale, seed, n_samples):
     """The values of :func:`sampling_controls` as library keyword arguments."""
     if seed is None:
@@ -99,13 +137,47 @@ def watermarked(images, args):
     return [put_watermark(image, encoder) for image in images]
 
 
-def serve(build, argv, description):
-    """Parse flags, build the demo with ``build(args)`` and serve it until interrupted."""
+def page_handler(args):
+    """Decorator: ``generate(settings, *inputs)`` becomes the handler of a page whose inputs are the
+    sampling controls followed by ``inputs``.
+
+    ``settings`` are the controls' values as library keyword arguments (:func:`settings`). ``generate``
+    returns the images, or a tuple of the images and further outputs; the handler watermarks the
+    images and shows a UserError in the page. Gradio passes one positional value per input and finds
+    its progress tracker by a parameter's default, so the handler's signature lists the controls,
+    then ``generate``'s own inputs, then ``progress`` (Gradio passes it last; it is not used here:
+    ``track_tqdm`` follows the sampler's progress bar).
+    """
+    gr = import_gradio()
+
+    def decorate(generate):
+        own = list(inspect.signature(generate).parameters.values())[1:]
+        n_inputs = len(SAMPLING_INPUTS) + len(own)
+
+        @shown_in_page
+        def handler(*values):
+            values = values[:n_inputs]
+            result = generate(settings(*values[:len(SAMPLING_INPUTS)]), *values[len(SAMPLING_INPUTS):])
+            if isinstance(result, tuple):
+                return (watermarked(result[0], args), *result[1:])
+            return watermarked(result, args)
+
+        positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        handler.__signature__ = inspect.Signature(
+            [*(inspect.Parameter(name, positional) for name in SAMPLING_INPUTS), *own,
+             inspect.Parameter("progress", positional, default=gr.Progress(track_tqdm=True))])
+        return handler
+    return decorate
+
+
+def serve(build, argv, doc, families, example=None):
+    """Parse flags (``doc``'s first line describes them), load the model (one of ``families``, see
+    :func:`load_model`), build the page with ``build(args, model)`` and serve it until interrupted."""
     def body(argv):
-        args = parse_args(description, argv)
+        args = parse_args(doc.splitlines()[0], argv)
         setup_logging(args.verbose)
         import_gradio()
-        demo = build(args)
+        demo = build(args, load_model(args, families, example))
         demo.queue(default_concurrency_limit=1)
         print(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
         demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,

@@ -173,3 +173,33 @@ def test_describe_blank_image_names_only_the_background():
                                "background": "black"}
     with pytest.raises(UserError):
         describe(np.zeros((64, 64), dtype=np.uint8))
+
+
+def ldm_data_imports(path):
+    """The ``ldm.data`` modules that ``path`` imports anywhere in it (function bodies included)."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("ldm.data.")}
+
+
+def test_shapes_modules_do_not_import_each_other_in_a_cycle():
+    folder = Path(__file__).resolve().parents[2] / "ldm" / "data"
+    graph = {f"ldm.data.{path.stem}": ldm_data_imports(path) for path in folder.glob("*.py")}
+
+    def cycle_from(module, trail):
+        if module in trail:
+            return trail[trail.index(module):] + [module]
+        for imported in sorted(graph.get(module, ())):
+            found = cycle_from(imported, trail + [module])
+            if found:
+                return found
+        return None
+
+    cycles = [cycle for cycle in map(lambda m: cycle_from(m, []), sorted(graph)) if cycle]
+    assert cycles == []
+    assert "ldm.data.shapes_describe" in graph["ldm.data.shapes"]   # shapes.describe is the reader's

@@ -1,51 +1,34 @@
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ldm.image_io import read_parameters
-
-
-def model_flags(files):
-    return ["--ckpt", str(files.ckpt), "--config", str(files.config), "--device", "cpu"]
-
-
-def variant_configs():
-    path = Path(__file__).resolve().parents[1] / "models" / "diffusion" / "test_variants.py"
-    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_models import build_tiny_model, depth_config, save_model_files
 
 
 @pytest.fixture(scope="module")
-def depth_files(tiny, tmp_path_factory):
-    """A tiny depth checkpoint with (random) MiDaS weights, one without them, and the config."""
+def depth_files(tmp_path_factory):
+    """A tiny depth checkpoint with (random) MiDaS weights, one without them (``no_midas``), and the config."""
     folder = tmp_path_factory.mktemp("tiny_depth")
-    config = variant_configs().depth_config(tiny)
-    sd = tiny.build(config).state_dict()
+    config = depth_config()
+    sd = build_tiny_model(config).state_dict()
     sd["depth_model.model.scratch.output_conv.4.bias"] += 1.0   # keep the random depth above the final ReLU
-    torch.save({"state_dict": sd}, folder / "depth.ckpt")
-    torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("depth_model.")}},
-               folder / "no-midas.ckpt")
-    tiny.write_config(config, folder / "depth.yaml")
-    return type("Files", (), {"ckpt": folder / "depth.ckpt", "config": folder / "depth.yaml",
-                              "no_midas": folder / "no-midas.ckpt"})
+    files = save_model_files(config, folder, "depth", sd)
+    files.no_midas = folder / "no-midas.ckpt"
+    torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("depth_model.")}}, files.no_midas)
+    return files
 
 
 @pytest.fixture
-def init_png(tmp_path):
-    Image.fromarray((np.random.RandomState(0).rand(16, 20, 3) * 255).astype(np.uint8)).save(tmp_path / "init.png")
-    return tmp_path / "init.png"
+def init_png(random_png):
+    return random_png("init.png", 20, 16)
 
 
 def test_depth2img_with_midas_writes_the_depth_beside_each_sample(scripts, depth_files, tmp_path, init_png):
     out = tmp_path / "out"
-    result = scripts.run("depth2img", [*model_flags(depth_files), "--init-img", str(init_png), "--prompt", "a room",
-                                       "--steps", "2", "--strength", "0.5", "--n_samples", "2",
+    result = scripts.run("depth2img", [*scripts.model_flags(depth_files), "--init-img", str(init_png),
+                                       "--prompt", "a room", "--steps", "2", "--strength", "0.5", "--n_samples", "2",
                                        "--outdir", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (out / "samples").iterdir())
@@ -63,7 +46,7 @@ def test_given_depth_map_is_the_one_written(scripts, depth_files, tmp_path, init
     ramp = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (32, 1))     # twice the image size
     Image.fromarray(ramp).save(tmp_path / "depth.png")
     out = tmp_path / "out"
-    assert depth2img.main([*model_flags(depth_files), "--init-img", str(init_png), "--depth-map",
+    assert depth2img.main([*scripts.model_flags(depth_files), "--init-img", str(init_png), "--depth-map",
                            str(tmp_path / "depth.png"), "--steps", "2", "--n_samples", "1", "--skip_grid",
                            "--outdir", str(out)]) == 0
     written = np.asarray(Image.open(out / "samples" / "00000-depth.png"), dtype=int)
@@ -76,13 +59,13 @@ def test_given_depth_map_is_the_one_written(scripts, depth_files, tmp_path, init
     ([], "the following arguments are required: --init-img"),
     (["--init-img", "missing.png"], "init image 'missing.png' does not exist"),
     (["--init-img", "{init}", "--strength", "1.5"], "--strength must be from 0.0 to 1.0"),
-    (["--init-img", "{init}", "--plms"], "DDIM sampler only"),
+    (["--init-img", "{init}", "--plms"], "samples with DDIM only"),
     (["--init-img", "{init}", "--depth-map", "none.png"], "depth map 'none.png' does not exist"),
 ])
 def test_impossible_flags(scripts, depth_files, tmp_path, capsys, init_png, flags, message):
     depth2img = scripts.load("depth2img")
     flags = [f.format(init=init_png) for f in flags]
-    assert depth2img.main([*model_flags(depth_files), "--outdir", str(tmp_path / "out"), *flags]) == 2
+    assert depth2img.main([*scripts.model_flags(depth_files), "--outdir", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
@@ -96,7 +79,7 @@ def test_missing_depth_weights_and_wrong_family_are_one_line(scripts, depth_file
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0]
     assert "no weights for depth_model.*" in err[0] and "--config" not in err[0]  # not the config it tried
-    assert depth2img.main([*model_flags(tiny_files), *common]) == 2
+    assert depth2img.main([*scripts.model_flags(tiny_files), *common]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "needs a depth-to-image model" in err[0]
     assert not any((tmp_path / "out").rglob("*.png"))

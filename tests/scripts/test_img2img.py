@@ -5,21 +5,14 @@ from PIL import Image
 from ldm.image_io import read_parameters
 
 
-def model_flags(tiny_files):
-    return ["--ckpt", str(tiny_files.ckpt), "--config", str(tiny_files.config), "--device", "cpu"]
-
-
 @pytest.fixture
-def init_png(tmp_path):
-    rng = np.random.RandomState(0)
-    path = tmp_path / "init.png"
-    Image.fromarray((rng.rand(64, 70, 3) * 255).astype(np.uint8)).save(path)
-    return path
+def init_png(random_png):
+    return random_png("init.png", 70, 64)
 
 
 def test_img2img_subprocess_writes_samples_and_grid(scripts, tiny_files, tmp_path, init_png):
     out = tmp_path / "out"
-    result = scripts.run("img2img", [*model_flags(tiny_files), "--init-img", str(init_png),
+    result = scripts.run("img2img", [*scripts.model_flags(tiny_files), "--init-img", str(init_png),
                                      "--prompt", "a red circle", "--strength", "0.5",
                                      "--steps", "4", "--n_samples", "2", "--outdir", str(out)],
                          cwd=tmp_path)
@@ -36,7 +29,7 @@ def test_img2img_subprocess_writes_samples_and_grid(scripts, tiny_files, tmp_pat
 
 
 def test_img2img_subprocess_bad_strength_is_one_line(scripts, tiny_files, tmp_path, init_png):
-    result = scripts.run("img2img", [*model_flags(tiny_files), "--init-img", str(init_png),
+    result = scripts.run("img2img", [*scripts.model_flags(tiny_files), "--init-img", str(init_png),
                                      "--strength", "1.5", "--outdir", str(tmp_path / "out")],
                          cwd=tmp_path)
     assert result.returncode == 2
@@ -46,7 +39,7 @@ def test_img2img_subprocess_bad_strength_is_one_line(scripts, tiny_files, tmp_pa
 
 def test_img2img_in_process_numbering_continues(scripts, tiny_files, tmp_path, init_png):
     img2img = scripts.load("img2img")
-    args = [*model_flags(tiny_files), "--init-img", str(init_png), "--steps", "2",
+    args = [*scripts.model_flags(tiny_files), "--init-img", str(init_png), "--steps", "2",
             "--n_samples", "1", "--outdir", str(tmp_path / "out"), "--skip_grid"]
     assert img2img.main(args) == 0
     assert img2img.main(args) == 0
@@ -58,8 +51,8 @@ def test_img2img_in_process_numbering_continues(scripts, tiny_files, tmp_path, i
 @pytest.mark.parametrize("flags, message", [
     (["--init-img", "missing.png"], "init image 'missing.png' does not exist"),
     ([], "the following arguments are required: --init-img"),
-    (["--init-img", "{init}", "--plms"], "DDIM sampler only"),
-    (["--init-img", "{init}", "--dpm"], "DDIM sampler only"),
+    (["--init-img", "{init}", "--plms"], "samples with DDIM only"),
+    (["--init-img", "{init}", "--dpm"], "samples with DDIM only"),
     (["--init-img", "{init}", "--strength", "-0.5"], "--strength must be from 0.0 to 1.0"),
     (["--init-img", "{init}", "--n_iter", "0"], "--n_iter must be at least 1"),
     (["--init-img", "{bad}"], "cannot be read"),
@@ -68,7 +61,7 @@ def test_impossible_flags(scripts, tiny_files, tmp_path, capsys, init_png, flags
     img2img = scripts.load("img2img")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     flags = [f.format(init=init_png, bad=tmp_path / "bad.png") for f in flags]
-    assert img2img.main([*model_flags(tiny_files), "--outdir", str(tmp_path / "out"),
+    assert img2img.main([*scripts.model_flags(tiny_files), "--outdir", str(tmp_path / "out"),
                          *flags]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

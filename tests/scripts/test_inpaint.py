@@ -1,44 +1,23 @@
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, file_hash
 from ldm.cli import SHIPPED_DEFAULTS
 from ldm.image_io import read_parameters
-
-
-def model_flags(files):
-    return ["--ckpt", str(files.ckpt), "--config", str(files.config), "--device", "cpu"]
-
-
-def variant_configs():
-    path = Path(__file__).resolve().parents[1] / "models" / "diffusion" / "test_variants.py"
-    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_models import inpaint_config, save_model_files
 
 
 @pytest.fixture(scope="module")
-def inpaint_files(tiny, tmp_path_factory):
+def inpaint_files(tmp_path_factory):
     """A tiny 9-channel inpainting checkpoint and its config."""
-    folder = tmp_path_factory.mktemp("tiny_inpaint")
-    config = variant_configs().inpaint_config(tiny)
-    model = tiny.build(config)
-    torch.save({"state_dict": model.state_dict()}, folder / "inpaint.ckpt")
-    tiny.write_config(config, folder / "inpaint.yaml")
-    return type("Files", (), {"ckpt": folder / "inpaint.ckpt", "config": folder / "inpaint.yaml"})
+    return save_model_files(inpaint_config(), tmp_path_factory.mktemp("tiny_inpaint"), "inpaint")
 
 
 @pytest.fixture
-def inputs(tmp_path):
+def inputs(tmp_path, random_png):
     """A 20x12 image and a twice-as-large RGBA mask (transparent = keep) over x 4..12, y 2..8."""
-    image = (np.random.RandomState(0).rand(12, 20, 3) * 255).astype(np.uint8)
-    Image.fromarray(image).save(tmp_path / "init.png")
+    image = np.asarray(Image.open(random_png("init.png", 20, 12)))
     mask = np.full((24, 40, 4), 255, dtype=np.uint8)
     mask[..., 3] = 0
     mask[4:16, 8:24, 3] = 255
@@ -49,7 +28,7 @@ def inputs(tmp_path):
 def test_blend_inpainting_with_a_txt2img_model(scripts, tiny_files, tmp_path, inputs):
     init, mask, image = inputs
     out = tmp_path / "out"
-    result = scripts.run("inpaint", [*model_flags(tiny_files), "--init-img", str(init), "--mask", str(mask),
+    result = scripts.run("inpaint", [*scripts.model_flags(tiny_files), "--init-img", str(init), "--mask", str(mask),
                                      "--prompt", "a red circle", "--steps", "2", "--n_samples", "2",
                                      "--outdir", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -69,7 +48,7 @@ def test_inpainting_model_and_outpaint(scripts, inpaint_files, tmp_path, inputs,
     inpaint = scripts.load("inpaint")
     init, mask, _ = inputs
     out = tmp_path / "out"
-    assert inpaint.main([*model_flags(inpaint_files), "--init-img", str(init), "--outpaint", "0,5,8,0",
+    assert inpaint.main([*scripts.model_flags(inpaint_files), "--init-img", str(init), "--outpaint", "0,5,8,0",
                          "--steps", "2", "--n_samples", "1", "--dpm", "--outdir", str(out)]) == 0
     assert "rounded up to multiples of 8: 0,8,8,0" in caplog.text
     with Image.open(out / "samples" / "00000.png") as result:
@@ -92,7 +71,8 @@ def test_impossible_flags(scripts, tiny_files, tmp_path, capsys, inputs, flags, 
     init, mask, _ = inputs
     (tmp_path / "bad.png").write_bytes(b"not a png")
     flags = [f.format(init=init, mask=mask, bad=tmp_path / "bad.png") for f in flags]
-    assert inpaint.main([*model_flags(tiny_files), "--steps", "2", "--outdir", str(tmp_path / "out"), *flags]) == 2
+    assert inpaint.main([*scripts.model_flags(tiny_files), "--steps", "2", "--outdir", str(tmp_path / "out"),
+                         *flags]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not any((tmp_path / "out").rglob("*.png"))

@@ -6,13 +6,9 @@ from ldm.checkpoint import file_hash
 from ldm.image_io import read_parameters
 
 
-def model_flags(tiny_files):
-    return ["--ckpt", str(tiny_files.ckpt), "--config", str(tiny_files.config), "--device", "cpu"]
-
-
 def test_txt2img_subprocess_writes_samples_and_grid(scripts, tiny_files, tmp_path):
     out = tmp_path / "out"
-    result = scripts.run("txt2img", [*model_flags(tiny_files), "--prompt", "a red circle",
+    result = scripts.run("txt2img", [*scripts.model_flags(tiny_files), "--prompt", "a red circle",
                                      "--steps", "4", "--n_samples", "2", "--seed", "5",
                                      "--outdir", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -28,7 +24,7 @@ def test_txt2img_subprocess_writes_samples_and_grid(scripts, tiny_files, tmp_pat
 
 
 def test_txt2img_subprocess_bad_input_is_one_line(scripts, tiny_files, tmp_path):
-    result = scripts.run("txt2img", [*model_flags(tiny_files), "--H", "17",
+    result = scripts.run("txt2img", [*scripts.model_flags(tiny_files), "--H", "17",
                                      "--outdir", str(tmp_path / "out")], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: --H must be a positive multiple of 8, got 17"]
@@ -40,7 +36,7 @@ def test_numbering_continues_and_from_file_prompts(scripts, tiny_files, tmp_path
     out = tmp_path / "out"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
-    common = [*model_flags(tiny_files), "--steps", "2", "--outdir", str(out), "--n_samples", "2"]
+    common = [*scripts.model_flags(tiny_files), "--steps", "2", "--outdir", str(out), "--n_samples", "2"]
     assert txt2img.main([*common, "--prompt", "first run", "--no-watermark"]) == 0
     assert txt2img.main([*common, "--from-file", str(prompts), "--repeat", "2", "--plms",
                          "--negative-prompt", "blurry"]) == 0
@@ -59,7 +55,7 @@ def test_numbering_continues_and_from_file_prompts(scripts, tiny_files, tmp_path
 def test_same_seed_same_files(scripts, tiny_files, tmp_path):
     txt2img = scripts.load("txt2img")
     for name in ("a", "b"):
-        assert txt2img.main([*model_flags(tiny_files), "--steps", "2", "--n_samples", "1",
+        assert txt2img.main([*scripts.model_flags(tiny_files), "--steps", "2", "--n_samples", "1",
                              "--outdir", str(tmp_path / name), "--skip_grid"]) == 0
     a, b = (np.asarray(Image.open(tmp_path / n / "samples" / "00000.png")) for n in "ab")
     assert np.array_equal(a, b)
@@ -67,7 +63,7 @@ def test_same_seed_same_files(scripts, tiny_files, tmp_path):
 
 def test_skip_save_and_skip_grid_write_nothing(scripts, tiny_files, tmp_path, capsys):
     txt2img = scripts.load("txt2img")
-    assert txt2img.main([*model_flags(tiny_files), "--steps", "1", "--skip_save", "--skip_grid",
+    assert txt2img.main([*scripts.model_flags(tiny_files), "--steps", "1", "--skip_save", "--skip_grid",
                          "--outdir", str(tmp_path / "out")]) == 0
     assert not any((tmp_path / "out").rglob("*.png"))
     assert "none saved" in capsys.readouterr().out
@@ -87,7 +83,7 @@ def test_skip_save_and_skip_grid_write_nothing(scripts, tiny_files, tmp_path, ca
 ])
 def test_impossible_flags(scripts, tiny_files, tmp_path, capsys, flags, message):
     txt2img = scripts.load("txt2img")
-    assert txt2img.main([*model_flags(tiny_files), "--outdir", str(tmp_path / "out"),
+    assert txt2img.main([*scripts.model_flags(tiny_files), "--outdir", str(tmp_path / "out"),
                          *flags]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -110,4 +106,4 @@ def test_ckpt_without_config(scripts, tiny_files, tmp_path, capsys):
     txt2img = scripts.load("txt2img")
     assert txt2img.main(["--ckpt", str(tiny_files.ckpt), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "--ckpt needs --config too" in err[0]
+    assert len(err) == 1 and "needs a config too" in err[0]

@@ -1,46 +1,26 @@
-import importlib.util
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ldm.image_io import read_parameters
-
-
-def model_flags(files):
-    return ["--ckpt", str(files.ckpt), "--config", str(files.config), "--device", "cpu"]
-
-
-def variant_configs():
-    path = Path(__file__).resolve().parents[1] / "models" / "diffusion" / "test_variants.py"
-    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_models import save_model_files, unclip_config
 
 
 @pytest.fixture(scope="module")
-def unclip_files(tiny, tmp_path_factory):
+def unclip_files(tmp_path_factory):
     """A tiny stable unCLIP checkpoint (16-wide image embeddings, levels 0..999) and its config."""
     folder = tmp_path_factory.mktemp("tiny_unclip")
     torch.save((torch.zeros(16), torch.ones(16)), folder / "stats.th")
-    config = variant_configs().unclip_config(tiny, folder / "stats.th")
-    torch.save({"state_dict": tiny.build(config).state_dict()}, folder / "unclip.ckpt")
-    tiny.write_config(config, folder / "unclip.yaml")
-    return type("Files", (), {"ckpt": folder / "unclip.ckpt", "config": folder / "unclip.yaml"})
+    return save_model_files(unclip_config(folder / "stats.th"), folder, "unclip")
 
 
 @pytest.fixture
-def init_png(tmp_path):
-    Image.fromarray((np.random.RandomState(0).rand(24, 20, 3) * 255).astype(np.uint8)).save(tmp_path / "init.png")
-    return tmp_path / "init.png"
+def init_png(random_png):
+    return random_png("init.png", 20, 24)
 
 
 def test_unclip_subprocess_makes_variations(scripts, unclip_files, tmp_path, init_png):
     out = tmp_path / "out"
-    result = scripts.run("unclip", [*model_flags(unclip_files), "--init-img", str(init_png), "--steps", "2",
+    result = scripts.run("unclip", [*scripts.model_flags(unclip_files), "--init-img", str(init_png), "--steps", "2",
                                     "--noise_level", "100", "--n_samples", "2", "--outdir", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
@@ -53,8 +33,9 @@ def test_unclip_from_an_embedding_file(scripts, unclip_files, tmp_path, capsys):
     unclip = scripts.load("unclip")
     torch.save(torch.randn(1, 16), tmp_path / "embedding.pt")
     out = tmp_path / "out"
-    assert unclip.main([*model_flags(unclip_files), "--embedding", str(tmp_path / "embedding.pt"), "--prompt", "snow",
-                        "--H", "24", "--W", "16", "--steps", "2", "--n_samples", "1", "--outdir", str(out)]) == 0
+    assert unclip.main([*scripts.model_flags(unclip_files), "--embedding", str(tmp_path / "embedding.pt"),
+                        "--prompt", "snow", "--H", "24", "--W", "16", "--steps", "2", "--n_samples", "1",
+                        "--outdir", str(out)]) == 0
     assert read_parameters(out / "samples" / "00000.png")["size"] == "16x24"
 
 
@@ -72,7 +53,8 @@ def test_impossible_flags(scripts, unclip_files, tmp_path, capsys, init_png, fla
     torch.save(torch.randn(16), tmp_path / "emb.pt")
     torch.save(torch.randn(32), tmp_path / "wide.pt")
     flags = [f.format(init=init_png, emb=tmp_path / "emb.pt", wide=tmp_path / "wide.pt") for f in flags]
-    assert unclip.main([*model_flags(unclip_files), "--steps", "2", "--outdir", str(tmp_path / "out"), *flags]) == 2
+    assert unclip.main([*scripts.model_flags(unclip_files), "--steps", "2", "--outdir", str(tmp_path / "out"),
+                        *flags]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not any((tmp_path / "out").rglob("*.png"))

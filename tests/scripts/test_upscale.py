@@ -1,45 +1,24 @@
-import importlib.util
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ldm.image_io import read_parameters
-
-
-def model_flags(files):
-    return ["--ckpt", str(files.ckpt), "--config", str(files.config), "--device", "cpu"]
-
-
-def variant_configs():
-    path = Path(__file__).resolve().parents[1] / "models" / "diffusion" / "test_variants.py"
-    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_models import save_model_files, upscale_config
 
 
 @pytest.fixture(scope="module")
-def upscale_files(tiny, tmp_path_factory):
+def upscale_files(tmp_path_factory):
     """A tiny upscaler (the tiny VAE makes it x2; max noise level 350, as officially) and its config."""
-    folder = tmp_path_factory.mktemp("tiny_upscale")
-    config = variant_configs().upscale_config(tiny)
-    torch.save({"state_dict": tiny.build(config).state_dict()}, folder / "upscale.ckpt")
-    tiny.write_config(config, folder / "upscale.yaml")
-    return type("Files", (), {"ckpt": folder / "upscale.ckpt", "config": folder / "upscale.yaml"})
+    return save_model_files(upscale_config(), tmp_path_factory.mktemp("tiny_upscale"), "upscale")
 
 
 @pytest.fixture
-def low_res(tmp_path):
-    Image.fromarray((np.random.RandomState(0).rand(10, 14, 3) * 255).astype(np.uint8)).save(tmp_path / "low.png")
-    return tmp_path / "low.png"
+def low_res(random_png):
+    return random_png("low.png", 14, 10)
 
 
 def test_upscale_subprocess_tiles_and_writes_samples(scripts, upscale_files, tmp_path, low_res):
     out = tmp_path / "out"
-    result = scripts.run("upscale", [*model_flags(upscale_files), "--init-img", str(low_res), "--steps", "2",
+    result = scripts.run("upscale", [*scripts.model_flags(upscale_files), "--init-img", str(low_res), "--steps", "2",
                                      "--tile", "8", "--tile-overlap", "4", "--noise_level", "50", "--verbose",
                                      "--n_samples", "2", "--outdir", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -63,7 +42,7 @@ def test_upscale_subprocess_tiles_and_writes_samples(scripts, upscale_files, tmp
 ])
 def test_impossible_flags(scripts, upscale_files, tmp_path, capsys, low_res, flags, message):
     upscale = scripts.load("upscale")
-    assert upscale.main([*model_flags(upscale_files), "--init-img", str(low_res), "--steps", "2",
+    assert upscale.main([*scripts.model_flags(upscale_files), "--init-img", str(low_res), "--steps", "2",
                          "--outdir", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -72,8 +51,9 @@ def test_impossible_flags(scripts, upscale_files, tmp_path, capsys, low_res, fla
 
 def test_missing_init_image_flag_and_wrong_family(scripts, tiny_files, tmp_path, capsys, low_res):
     upscale = scripts.load("upscale")
-    assert upscale.main([*model_flags(tiny_files), "--outdir", str(tmp_path / "out")]) == 2
+    assert upscale.main([*scripts.model_flags(tiny_files), "--outdir", str(tmp_path / "out")]) == 2
     assert "required: --init-img" in capsys.readouterr().err
-    assert upscale.main([*model_flags(tiny_files), "--init-img", str(low_res), "--outdir", str(tmp_path / "out")]) == 2
+    assert upscale.main([*scripts.model_flags(tiny_files), "--init-img", str(low_res),
+                         "--outdir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "needs an x4 upscaling model" in err[0]

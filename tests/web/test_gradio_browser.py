@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiny_models import depth_config, upscale_config
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -110,14 +112,6 @@ def demo_args(module):
     return sys.modules["webui"].parse_args("test", ["--ckpt", "x.ckpt", "--config", "x.yaml", "--device", "cpu"])
 
 
-def variant_configs():
-    path = REPO_ROOT / "tests" / "models" / "diffusion" / "test_variants.py"
-    spec = importlib.util.spec_from_file_location("tiny_variant_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def rgb(w, h):
     return Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype(np.uint8))
 
@@ -154,8 +148,7 @@ def test_inpainting_page_takes_the_painted_layer_as_the_mask(monkeypatch, tiny_m
 
 
 def test_depth_and_upscaling_pages(monkeypatch, tiny):
-    configs = variant_configs()
-    depth_model, upscale_model = tiny.build(configs.depth_config(tiny)), tiny.build(configs.upscale_config(tiny))
+    depth_model, upscale_model = tiny.build(depth_config()), tiny.build(upscale_config())
     demo = load_demo("depth2img", monkeypatch)
     args = demo_args(demo)
     assert isinstance(demo.build(args, model=depth_model), gr.Blocks)

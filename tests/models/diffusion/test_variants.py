@@ -12,54 +12,7 @@ from ldm.conditioning import (depth_conditioning, inpaint_conditioning, text_con
                               upscale_conditioning)
 from ldm.errors import UserError
 from ldm.models.diffusion.ddim import DDIMSampler
-
-TINY_DPT = dict(features=16, hooks=[0, 1, 2, 3], embed_dim=32, depth=4, num_heads=2, img_size=64)
-TINY_OPENCLIP = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 56},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-def variant_config(tiny, target, unet_params=(), **params):
-    config = tiny.config(**params)
-    config["model"]["target"] = target
-    config["model"]["params"]["unet_config"]["params"].update(dict(unet_params))
-    return config
-
-
-def inpaint_config(tiny, **params):
-    return variant_config(tiny, "ldm.models.diffusion.ddpm.LatentInpaintDiffusion", {"in_channels": 9},
-                          conditioning_key="hybrid", finetune_keys=None, **params)
-
-
-def depth_config(tiny):
-    return variant_config(tiny, "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion", {"in_channels": 5},
-                          conditioning_key="hybrid", finetune_keys=None,
-                          depth_stage_config={"target": "ldm.modules.midas.api.MiDaSInference",
-                                              "params": dict(model_type="dpt_hybrid", **TINY_DPT)})
-
-
-def upscale_config(tiny):
-    return variant_config(
-        tiny, "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", {"in_channels": 7, "num_classes": 1000},
-        conditioning_key="hybrid-adm", parameterization="v", low_scale_key="lr", linear_start=0.0001,
-        linear_end=0.02, low_scale_config={
-            "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
-            "params": {"noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02}, "max_noise_level": 350}})
-
-
-def unclip_config(tiny, clip_stats_path=None):
-    noise_params = {"timestep_dim": 16, "noise_schedule_config": {"timesteps": 1000,
-                                                                  "beta_schedule": "squaredcos_cap_v2"}}
-    if clip_stats_path is not None:
-        noise_params["clip_stats_path"] = str(clip_stats_path)
-    return variant_config(
-        tiny, "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion",
-        {"num_classes": "sequential", "adm_in_channels": 32}, conditioning_key="crossattn-adm",
-        parameterization="v", embedding_dropout=0.25,
-        embedder_config={"target": "ldm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder",
-                         "params": {"arch": TINY_OPENCLIP}},
-        noise_aug_config={"target": "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation",
-                          "params": noise_params})
+from tiny_models import depth_config, inpaint_config, unclip_config, upscale_config
 
 
 def images(n=1, seed=0, size=16):
@@ -87,7 +40,7 @@ def linear_alphas_cumprod(start, end, n=1000):
 # ------------------------------------------------------------------------------------------- inpainting
 @pytest.fixture(scope="module")
 def inpaint_model(tiny):
-    return tiny.build(inpaint_config(tiny))
+    return tiny.build(inpaint_config())
 
 
 def test_inpaint_forward_and_sample(inpaint_model):
@@ -144,7 +97,7 @@ def test_four_channel_checkpoint_loads_via_finetune_keys(tiny, tmp_path):
     base = tiny.build(seed=1)
     ckpt = tmp_path / "txt2img.ckpt"
     torch.save({"state_dict": base.state_dict()}, ckpt)
-    config = inpaint_config(tiny)
+    config = inpaint_config()
     del config["model"]["params"]["finetune_keys"]  # the default: the U-Net input conv (and its EMA copy)
     config["model"]["params"]["ckpt_path"] = str(ckpt)
     wide = tiny.build(config, seed=2)
@@ -163,7 +116,7 @@ def test_four_channel_checkpoint_loads_via_finetune_keys(tiny, tmp_path):
 
 
 def test_finetune_keys_need_a_checkpoint(tiny):
-    config = inpaint_config(tiny)
+    config = inpaint_config()
     del config["model"]["params"]["finetune_keys"]
     with pytest.raises(UserError, match="ckpt_path"):
         tiny.build(config)
@@ -172,7 +125,7 @@ def test_finetune_keys_need_a_checkpoint(tiny):
 # ------------------------------------------------------------------------------------------- depth
 @pytest.fixture(scope="module")
 def depth_model(tiny):
-    model = tiny.build(depth_config(tiny))
+    model = tiny.build(depth_config())
     model.depth_model.has_weights = True  # random weights stand in for a loaded MiDaS
     return model
 
@@ -203,7 +156,7 @@ def test_depth_from_midas_and_sample(depth_model):
 
 
 def test_depth_without_weights_needs_a_depth_map(tiny):
-    model = tiny.build(depth_config(tiny))
+    model = tiny.build(depth_config())
     with pytest.raises(UserError, match="depth map"):
         depth_conditioning(model, "x", image=images(size=64))
     cond = depth_conditioning(model, "x", image=images(size=16), depth=torch.rand(1, 1, 16, 16))
@@ -216,7 +169,7 @@ def test_depth_without_weights_needs_a_depth_map(tiny):
 # ------------------------------------------------------------------------------------------- x4 upscaler
 @pytest.fixture(scope="module")
 def upscale_model(tiny):
-    return tiny.build(upscale_config(tiny))
+    return tiny.build(upscale_config())
 
 
 def test_low_res_noise_augmentation_formula(upscale_model):
@@ -264,7 +217,7 @@ def clip_stats(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unclip_model(tiny, clip_stats):
-    return tiny.build(unclip_config(tiny, clip_stats))
+    return tiny.build(unclip_config(clip_stats))
 
 
 def test_clip_embedding_noise_augmentation_formula(unclip_model, clip_stats):
@@ -312,7 +265,7 @@ def test_unclip_get_input_drops_embeddings_only_in_training(unclip_model):
 def test_missing_clip_stats_file_is_named(tiny, tmp_path):
     missing = tmp_path / "karlo" / "ViT-L-14_stats.th"
     with pytest.raises(UserError, match="ViT-L-14_stats.th"):
-        tiny.build(unclip_config(tiny, missing))
+        tiny.build(unclip_config(missing))
 
 
 def test_text_conditioning_pairs_prompt_and_negative(unclip_model):
@@ -363,7 +316,7 @@ def test_image_size_must_fit_the_unet(inpaint_model):
 
 def test_depth_checkpoint_round_trip_through_the_loader(tiny, depth_model, tmp_path):
     from ldm.checkpoint import load_model
-    config = tiny.write_config(depth_config(tiny), tmp_path / "depth.yaml")
+    config = tiny.write_config(depth_config(), tmp_path / "depth.yaml")
     torch.save({"state_dict": depth_model.state_dict()}, tmp_path / "depth.ckpt")
     loaded = load_model(config, tmp_path / "depth.ckpt", device="cpu")
     assert loaded.depth_model.has_weights

@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from ldm.modules.encoders.modules import (
     IdentityEncoder,
 )
 from ldm.modules.encoders.tokenizer import load_bpe
+from official_manifests import state_dict_shapes
 
-MANIFESTS = Path("/work/shared/reference/manifests")
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", HF and open_clip agree
 TINY_HF_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                     projection_dim=32)
@@ -32,11 +31,6 @@ TRICKY = [
     "x" * 300,
 ]
 LONG_PROMPT = " ".join(f"word{i}" for i in range(100))
-
-
-def manifest_cond_keys(name, prefix):
-    state_dict = json.loads((MANIFESTS / f"{name}.json").read_text())["state_dict"]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------
@@ -135,7 +129,7 @@ def test_clip_embedder_bad_config_is_user_error(kwargs):
 def test_clip_embedder_full_size_keys_match_manifest():
     with torch.device("meta"):
         model = FrozenCLIPEmbedder()
-    expected = manifest_cond_keys("v1-inference", "cond_stage_model.")
+    expected = state_dict_shapes("v1-inference", "cond_stage_model.")
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert shapes == expected
     assert len(shapes) == 196
@@ -185,7 +179,7 @@ def test_openclip_embedder_bad_config_is_user_error(kwargs):
 def test_openclip_embedder_full_size_keys_match_manifest():
     with torch.device("meta"):
         model = FrozenOpenCLIPEmbedder(layer="penultimate")
-    expected = manifest_cond_keys("v2-inference", "cond_stage_model.")
+    expected = state_dict_shapes("v2-inference", "cond_stage_model.")
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert shapes == expected
     assert len(shapes) == 294

@@ -1,0 +1,49 @@
+"""Where a benchmark writes its JSON, shared by the scripts in bench/ (run as ``python bench/<x>.py``,
+so this folder is on ``sys.path``).
+
+bench/results/<name>.json are committed: the READMEs quote them. A plain run therefore writes a new
+file, bench/results/<name>-<date>-<time>.json; ``--out PATH`` names the file instead, and a file
+that exists is replaced only with ``--force``. The check happens before the benchmark runs, so a
+refused run costs nothing.
+"""
+import json
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def new_results_path(name, folder=None, now=None):
+    """``folder/<name>-YYYYmmdd-HHMMSS.json`` (default folder: bench/results; local time ``now``, default:
+    now), with ``-2``, ``-3``, ... before ``.json`` when that file exists already."""
+    folder = Path(RESULTS if folder is None else folder)
+    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    path, number = folder / f"{stem}.json", 2
+    while path.exists():
+        path, number = folder / f"{stem}-{number}.json", number + 1
+    return path
+
+
+def add_out_arguments(parser, name):
+    """``--out`` and ``--force`` for benchmark ``name``."""
+    parser.add_argument("--out", default=None,
+                        help=f"JSON output (default: a new bench/results/{name}-<date>-<time>.json)")
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace --out if it exists (e.g. the committed bench/results/{name}.json)")
+
+
+def results_path(out, force, name):
+    """The file to write: ``out`` (FileExistsError if it exists and not ``force``), or a new one if None."""
+    if out is None:
+        return new_results_path(name)
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it, or leave out --out to write a new file")
+    return Path(out)
+
+
+def write_results(path, report):
+    """Write ``report`` as indented JSON to ``path`` and say so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")

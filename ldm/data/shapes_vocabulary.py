@@ -1,0 +1,39 @@
+"""The shapes vocabulary and what each word looks like: the words per attribute, the RGB palette, the
+size ranges and the outline of each shape.
+
+Shared by the dataset that draws the words (:mod:`ldm.data.shapes`) and the reader that recovers
+them from pixels (:mod:`ldm.data.shapes_describe`); both import this module and not each other.
+Geometry is in fractions of the image side.
+"""
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+BACKGROUNDS = ("white", "black", "gray")
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+ATTRIBUTES = ("size", "colour", "shape", "position", "background")
+VOCABULARY = {"shape": SHAPES, "colour": COLOURS, "background": BACKGROUNDS, "size": SIZES,
+              "position": POSITIONS}
+
+# Chosen so that every pair of shape colours is >= 95/255 apart in RGB and every shape colour is
+# >= 108/255 from every background (purple on gray is the closest).
+COLOUR_RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 225, 25),
+    "purple": (140, 40, 190),
+    "orange": (245, 130, 20),
+}
+BACKGROUND_RGB = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+
+# Bounding-box extent ranges per size category; the gap between them keeps size unambiguous.
+EXTENT_RANGE = {"small": (0.18, 0.26), "large": (0.38, 0.46)}
+
+
+def shape_reach(shape, extent):
+    """Distance from the centroid to the bounding box: (left, right, up, down)."""
+    half = extent / 2
+    if shape == "triangle":
+        # Apex up: the centroid sits 2/3 of the height below the apex.
+        return half, half, 2 * extent / 3, extent / 3
+    return half, half, half, half
