@@ -87,6 +87,16 @@ def test_model_family_and_refusal(tiny_model):
         gv.upscale(tiny_model, rgb(8, 8), "x", **STEPS)
 
 
+@pytest.mark.parametrize("attribute", ["masked_image_key", "depth_model", "low_scale_model", "embedder"])
+def test_model_family_comes_from_the_class_not_from_attributes(tiny_model, attribute):
+    # a text-to-image model that happens to carry another family's attribute name is still one
+    setattr(tiny_model, attribute, None)
+    try:
+        assert gv.model_family(tiny_model) == "txt2img"
+    finally:
+        delattr(tiny_model, attribute)
+
+
 # ------------------------------------------------------------------------------------------- inpainting
 def test_blend_inpaint_keeps_known_pixels_and_resizes_the_mask(tiny_model, caplog):
     image = rgb(20, 12, seed=1)    # not a multiple of 4: padded, then cropped back

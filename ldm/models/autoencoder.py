@@ -5,13 +5,14 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.models.autoencoder_training import AutoencoderTrainingMixin
+from ldm.models.init_ckpt import InitFromCheckpoint
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
 
-class AutoencoderKL(AutoencoderTrainingMixin, pl.LightningModule):
+class AutoencoderKL(AutoencoderTrainingMixin, InitFromCheckpoint, pl.LightningModule):
     """Image <-> latent with a diagonal Gaussian posterior (Rombach et al. 2022, sec. 3.1).
 
     ``quant_conv`` maps encoder features to [mean | logvar] of ``embed_dim`` channels;
@@ -40,9 +41,7 @@ class AutoencoderKL(AutoencoderTrainingMixin, pl.LightningModule):
         if self.use_ema:
             self.ema_decay = ema_decay
             self.model_ema = LitEma(self, decay=ema_decay)
-        if ckpt_path is not None:
-            from ldm.models.init_ckpt import init_from_ckpt
-            init_from_ckpt(self, ckpt_path, ignore_keys=list(ignore_keys))
+        self.request_init_checkpoint(ckpt_path, ignore_keys)
 
     @contextmanager
     def ema_scope(self, context=None):

@@ -15,18 +15,15 @@ from torch import nn
 from ldm.errors import UserError
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.training import DiffusionTrainingMixin
+from ldm.models.init_ckpt import InitFromCheckpoint
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.ema import LitEma
+from ldm.modules.freeze import disabled_train  # noqa: F401  (official import path: ldm.models.diffusion.ddpm)
 from ldm.util import count_params, default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
-
-
-def disabled_train(self, mode=True):
-    """Replaces ``.train`` of frozen sub-models so Lightning cannot switch them out of eval mode."""
-    return self
 
 
 class DiffusionWrapper(pl.LightningModule):
@@ -62,8 +59,12 @@ class DiffusionWrapper(pl.LightningModule):
         return self.diffusion_model(x, t, y=c_crossattn[0])
 
 
-class DDPM(DiffusionTrainingMixin, pl.LightningModule):
-    """Gaussian diffusion (Ho et al. 2020) with eps, x0 or v parameterisation."""
+class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
+    """Gaussian diffusion (Ho et al. 2020) with eps, x0 or v parameterisation.
+
+    ``ckpt_path`` is loaded after the most-derived constructor has built every sub-model (see
+    ldm/models/init_ckpt.py), so subclasses add sub-models without any loading code.
+    """
 
     def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
                  ignore_keys=(), load_only_unet=False, monitor="val/loss", use_ema=True, first_stage_key="image",
@@ -87,8 +88,13 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model)
         self.use_ema = use_ema
+        self.ema_decay = ema_decay
         if self.use_ema:
-            self.model_ema = LitEma(self.model, decay=ema_decay)
+            self.model_ema = self.build_ema()
+        elif reset_ema or reset_num_ema_updates:
+            raise UserError("reset_ema and reset_num_ema_updates need use_ema: True")
+        self.reset_ema = reset_ema
+        self.reset_num_ema_updates = reset_num_ema_updates
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
             self.scheduler_config = scheduler_config
@@ -108,14 +114,21 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
             self.logvar = nn.Parameter(logvar, requires_grad=True)
         else:
             self.register_buffer("logvar", logvar, persistent=False)
-        if ckpt_path is not None:
-            from ldm.models.init_ckpt import init_from_ckpt
-            init_from_ckpt(self, ckpt_path, ignore_keys=list(ignore_keys), only_model=load_only_unet)
-            if reset_ema or reset_num_ema_updates:
-                assert self.use_ema
-                if reset_ema:
-                    self.model_ema = LitEma(self.model, decay=ema_decay)
-                self.model_ema.reset_num_updates()
+        self.request_init_checkpoint(ckpt_path, ignore_keys, only_model=load_only_unet)
+
+    def build_ema(self):
+        """A fresh EMA of the denoiser's current weights, decaying at ``ema_decay``."""
+        return LitEma(self.model, decay=self.ema_decay)
+
+    def load_init_checkpoint(self):
+        """Load ``ckpt_path``; then ``reset_ema`` restarts the EMA from the loaded weights (for
+        checkpoints that hold only EMA weights) and ``reset_num_ema_updates`` its decay warm-up."""
+        self.restarted_from_ckpt = super().load_init_checkpoint()
+        if self.restarted_from_ckpt and self.reset_ema:
+            self.model_ema = self.build_ema()
+        if self.reset_num_ema_updates:
+            self.model_ema.reset_num_updates()
+        return self.restarted_from_ckpt
 
     # ------------------------------------------------------------------ schedule
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000, linear_start=1e-4,

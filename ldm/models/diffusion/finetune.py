@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import UserError
-from ldm.models.diffusion.ddpm_base import DDPM, disabled_train
+from ldm.models.diffusion.ddpm_base import DDPM
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.modules.freeze import freeze_module
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,13 @@ class LatentFinetuneDiffusion(LatentDiffusion):
     """Base of the concat-conditioned SD 2 models (inpainting, depth-to-image).
 
     ``frozen_stages`` maps attribute names to configs of extra frozen sub-models (e.g. the depth
-    estimator) built before ``ckpt_path`` is loaded, so that their weights load with it.
+    estimator); like every sub-model they exist before ``ckpt_path`` is loaded, so their weights
+    load with it.
     """
 
     def __init__(self, concat_keys, finetune_keys=DEFAULT_FINETUNE_KEYS, keep_finetune_dims=4,
                  c_concat_log_start=None, c_concat_log_end=None, *args, frozen_stages=None, **kwargs):
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
-        if finetune_keys is not None and ckpt_path is None:
+        if finetune_keys is not None and kwargs.get("ckpt_path") is None:
             raise UserError("finetune_keys is set but there is no ckpt_path to fine-tune from; set ckpt_path or "
                             "finetune_keys: null")
         super().__init__(*args, **kwargs)
@@ -67,35 +67,13 @@ class LatentFinetuneDiffusion(LatentDiffusion):
         self.c_concat_log_start = c_concat_log_start
         self.c_concat_log_end = c_concat_log_end
         for name, config in (frozen_stages or {}).items():
-            self.instantiate_frozen_stage(name, config)
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys)
+            setattr(self, name, freeze_module(instantiate_from_config(config)))
 
-    def instantiate_frozen_stage(self, name, config):
-        model = instantiate_from_config(config).eval()
-        model.train = disabled_train.__get__(model)
-        for param in model.parameters():
-            param.requires_grad = False
-        setattr(self, name, model)
-
-    def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
-        """Non-strict load of ``path``, widening the ``finetune_keys`` tensors first."""
-        from ldm.checkpoint import read_state_dict
-        sd = read_state_dict(path)
-        return self.load_finetune_state_dict(sd, ignore_keys, only_model, source=path)
-
-    def load_finetune_state_dict(self, sd, ignore_keys=(), only_model=False, source="state dict"):
-        sd = {k: v for k, v in sd.items() if not any(k.startswith(prefix) for prefix in ignore_keys)}
-        if self.finetune_keys is not None:
-            sd = widen_input_weights(sd, self.state_dict(), self.finetune_keys, self.keep_dims)
-        target = self.model if only_model else self
-        missing, unexpected = target.load_state_dict(sd, strict=False)
-        logger.info("restored from %s with %d missing and %d unexpected keys", source, len(missing), len(unexpected))
-        if missing:
-            logger.info("missing keys: %s", missing[:20])
-        if unexpected:
-            logger.info("unexpected keys: %s", unexpected[:20])
-        return missing, unexpected
+    def adapt_init_state_dict(self, sd):
+        """``ckpt_path`` from a narrower model: widen the ``finetune_keys`` tensors before loading."""
+        if self.finetune_keys is None:
+            return sd
+        return widen_input_weights(dict(sd), self.state_dict(), self.finetune_keys, self.keep_dims)
 
     def concat_conditioning(self, images, latent_size):
         """The c_concat tensor [B, C, h, w] from ``images`` ({concat key: [B, C, H, W] tensor})."""

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 from ldm.errors import UserError
-from ldm.models.diffusion.ddpm_base import DDPM, disabled_train
+from ldm.models.diffusion.ddpm_base import DDPM
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.freeze import freeze_module
 from ldm.util import default, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ class LatentDiffusion(DDPM):
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__" and not self.force_null_conditioning:
             conditioning_key = None
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        reset_ema = kwargs.pop("reset_ema", False)
-        reset_num_ema_updates = kwargs.pop("reset_num_ema_updates", False)
-        ignore_keys = kwargs.pop("ignore_keys", [])
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
@@ -54,17 +51,6 @@ class LatentDiffusion(DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.bbox_tokenizer = None
-        self.restarted_from_ckpt = False
-        if ckpt_path is not None:
-            from ldm.models.init_ckpt import init_from_ckpt
-            init_from_ckpt(self, ckpt_path, ignore_keys=list(ignore_keys))
-            self.restarted_from_ckpt = True
-            if reset_ema or reset_num_ema_updates:
-                assert self.use_ema
-                if reset_ema:
-                    from ldm.modules.ema import LitEma
-                    self.model_ema = LitEma(self.model)
-                self.model_ema.reset_num_updates()
 
     # ------------------------------------------------------------------ construction
     def register_schedule(self, **kwargs):
@@ -79,11 +65,7 @@ class LatentDiffusion(DDPM):
         self.cond_ids[:self.num_timesteps_cond] = ids
 
     def instantiate_first_stage(self, config):
-        model = instantiate_from_config(config)
-        self.first_stage_model = model.eval()
-        self.first_stage_model.train = disabled_train.__get__(self.first_stage_model)
-        for param in self.first_stage_model.parameters():
-            param.requires_grad = False
+        self.first_stage_model = freeze_module(instantiate_from_config(config))
 
     def instantiate_cond_stage(self, config):
         if config == "__is_first_stage__":
@@ -92,11 +74,7 @@ class LatentDiffusion(DDPM):
         elif config == "__is_unconditional__":
             self.cond_stage_model = None
         elif not self.cond_stage_trainable:
-            model = instantiate_from_config(config)
-            self.cond_stage_model = model.eval()
-            self.cond_stage_model.train = disabled_train.__get__(self.cond_stage_model)
-            for param in self.cond_stage_model.parameters():
-                param.requires_grad = False
+            self.cond_stage_model = freeze_module(instantiate_from_config(config))
         else:
             self.cond_stage_model = instantiate_from_config(config)
 

@@ -7,42 +7,30 @@ whole embeddings are dropped with probability ``embedding_dropout`` (classifier-
 """
 import torch
 
-from ldm.models.diffusion.ddpm_base import DDPM, disabled_train
+from ldm.models.diffusion.ddpm_base import DDPM
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.modules.freeze import freeze_module
 from ldm.util import instantiate_from_config
 
 
 class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
     def __init__(self, embedder_config, embedding_key="jpg", embedding_dropout=0.5, freeze_embedder=True,
                  noise_aug_config=None, *args, **kwargs):
-        # Loaded after the embedder exists, so that its weights come from the checkpoint too.
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(*args, **kwargs)
         self.embed_key = embedding_key
         self.embedding_dropout = embedding_dropout
         self._init_embedder(embedder_config, freeze_embedder)
         self._init_noise_aug(noise_aug_config)
-        if ckpt_path is not None:
-            from ldm.models.init_ckpt import init_from_ckpt
-            init_from_ckpt(self, ckpt_path, ignore_keys=list(ignore_keys))
 
     def _init_embedder(self, config, freeze=True):
         embedder = instantiate_from_config(config)
-        if freeze:
-            embedder = embedder.eval()
-            embedder.train = disabled_train.__get__(embedder)
-            for param in embedder.parameters():
-                param.requires_grad = False
-        self.embedder = embedder
+        self.embedder = freeze_module(embedder) if freeze else embedder
 
     def _init_noise_aug(self, config):
         self.noise_augmentor = None
         if config is not None:
             # Karlo's noise schedule for CLIP image embeddings
-            noise_augmentor = instantiate_from_config(config).eval()
-            noise_augmentor.train = disabled_train.__get__(noise_augmentor)
-            self.noise_augmentor = noise_augmentor
+            self.noise_augmentor = freeze_module(instantiate_from_config(config))
 
     def adm_conditioning(self, embedding, noise_level=None):
         """[noised embedding, noise-level embedding] [B, 2D] (the embedding itself without an augmentor)."""

@@ -7,16 +7,14 @@ level itself is the U-Net's class label (``c_adm``). Text comes in through cross
 import torch
 
 from ldm.errors import UserError
-from ldm.models.diffusion.ddpm_base import DDPM, disabled_train
+from ldm.models.diffusion.ddpm_base import DDPM
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.modules.freeze import freeze_module
 from ldm.util import instantiate_from_config
 
 
 class LatentUpscaleDiffusion(LatentDiffusion):
     def __init__(self, *args, low_scale_config, low_scale_key="LR", noise_level_key=None, **kwargs):
-        # Loaded after low_scale_model exists, so that its buffers come from the checkpoint too.
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
         super().__init__(*args, **kwargs)
         if self.cond_stage_trainable:
             raise UserError("LatentUpscaleDiffusion needs a frozen conditioning encoder (cond_stage_trainable: false)")
@@ -25,16 +23,9 @@ class LatentUpscaleDiffusion(LatentDiffusion):
         if noise_level_key is not None:
             raise UserError("noise_level_key is not supported (the official code does not implement it either)")
         self.noise_level_key = noise_level_key
-        if ckpt_path is not None:
-            from ldm.models.init_ckpt import init_from_ckpt
-            init_from_ckpt(self, ckpt_path, ignore_keys=list(ignore_keys))
 
     def instantiate_low_stage(self, config):
-        model = instantiate_from_config(config).eval()
-        model.train = disabled_train.__get__(model)
-        for param in model.parameters():
-            param.requires_grad = False
-        self.low_scale_model = model
+        self.low_scale_model = freeze_module(instantiate_from_config(config))
 
     def low_res_conditioning(self, x_low, noise_level=None):
         """(noised low-res image [B, 3, h, w], noise levels [B]); random levels when not given."""

@@ -18,25 +18,29 @@ def Normalize(in_channels, num_groups=32):
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
-class Upsample(nn.Module):
-    def __init__(self, in_channels, with_conv):
+class _Resample(nn.Module):
+    """2x resampling, optionally through a 3x3 conv (``conv.*``) of the given stride and padding."""
+
+    def __init__(self, in_channels, with_conv, stride, padding):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=stride, padding=padding)
+
+
+class Upsample(_Resample):
+    def __init__(self, in_channels, with_conv):
+        super().__init__(in_channels, with_conv, stride=1, padding=1)
 
     def forward(self, x):
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.with_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     def __init__(self, in_channels, with_conv):
-        super().__init__()
-        self.with_conv = with_conv
-        if with_conv:
-            # Padding is applied asymmetrically in forward (right/bottom only), as trained.
-            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+        # Padding is applied asymmetrically in forward (right/bottom only), as trained.
+        super().__init__(in_channels, with_conv, stride=2, padding=0)
 
     def forward(self, x):
         if self.with_conv:
@@ -116,10 +120,33 @@ def make_attn(in_channels, attn_type="vanilla", attn_kwargs=None):
     raise NotImplementedError(f"attn_type {attn_type!r} is not supported (use vanilla, vanilla-xformers or none)")
 
 
-class Encoder(nn.Module):
-    def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
-                 resamp_with_conv=True, in_channels, resolution, z_channels, double_z=True, use_linear_attn=False,
-                 attn_type="vanilla", **ignore_kwargs):
+def resolution_level(block_in, block_out, num_blocks, with_attn, dropout, attn_type):
+    """One resolution of the encoder or decoder: ``block`` (ResNet blocks) and, where the resolution
+    has attention, ``attn`` (one after each block). Returns the level and its output width."""
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(num_blocks):
+        level.block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0,
+                                       dropout=dropout))
+        block_in = block_out
+        if with_attn:
+            level.attn.append(make_attn(block_in, attn_type=attn_type))
+    return level, block_in
+
+
+def run_level(level, h, temb):
+    for i_block, block in enumerate(level.block):
+        h = block(h, temb)
+        if len(level.attn) > 0:
+            h = level.attn[i_block](h)
+    return h
+
+
+class _ResolutionStack(nn.Module):
+    """What the encoder and decoder share: their sizes, and the middle (ResNet, attention, ResNet)
+    at the lowest resolution."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, resolution, in_channels, use_linear_attn):
         super().__init__()
         if use_linear_attn:
             raise NotImplementedError("linear attention is not used by any Stable Diffusion VAE")
@@ -130,34 +157,36 @@ class Encoder(nn.Module):
         self.resolution = resolution
         self.in_channels = in_channels
 
-        self.conv_in = nn.Conv2d(in_channels, self.ch, kernel_size=3, stride=1, padding=1)
-        curr_res = resolution
-        in_ch_mult = (1,) + tuple(ch_mult)
-        self.in_ch_mult = in_ch_mult
-        self.down = nn.ModuleList()
-        for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_in = ch * in_ch_mult[i_level]
-            block_out = ch * ch_mult[i_level]
-            for _ in range(self.num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=self.temb_ch,
-                                         dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
-            down = nn.Module()
-            down.block, down.attn = block, attn
-            if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, resamp_with_conv)
-                curr_res = curr_res // 2
-            self.down.append(down)
-
+    def build_middle(self, block_in, dropout, attn_type):
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
                                        dropout=dropout)
         self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
                                        dropout=dropout)
+
+    def run_middle(self, h, temb):
+        return self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+
+
+class Encoder(_ResolutionStack):
+    def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
+                 resamp_with_conv=True, in_channels, resolution, z_channels, double_z=True, use_linear_attn=False,
+                 attn_type="vanilla", **ignore_kwargs):
+        super().__init__(ch, ch_mult, num_res_blocks, resolution, in_channels, use_linear_attn)
+        self.conv_in = nn.Conv2d(in_channels, self.ch, kernel_size=3, stride=1, padding=1)
+        curr_res = resolution
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.in_ch_mult = in_ch_mult
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            down, block_in = resolution_level(ch * in_ch_mult[i_level], ch * ch_mult[i_level], self.num_res_blocks,
+                                              curr_res in attn_resolutions, dropout, attn_type)
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res = curr_res // 2
+            self.down.append(down)
+        self.build_middle(block_in, dropout, attn_type)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1,
                                   padding=1)
@@ -166,29 +195,18 @@ class Encoder(nn.Module):
         temb = None
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](h, temb)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = run_level(down, h, temb)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+        h = self.run_middle(h, temb)
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class Decoder(_ResolutionStack):
     def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions, dropout=0.0,
                  resamp_with_conv=True, in_channels, resolution, z_channels, give_pre_end=False, tanh_out=False,
                  use_linear_attn=False, attn_type="vanilla", **ignorekwargs):
-        super().__init__()
-        if use_linear_attn:
-            raise NotImplementedError("linear attention is not used by any Stable Diffusion VAE")
-        self.ch = ch
-        self.temb_ch = 0
-        self.num_resolutions = len(ch_mult)
-        self.num_res_blocks = num_res_blocks
-        self.resolution = resolution
-        self.in_channels = in_channels
+        super().__init__(ch, ch_mult, num_res_blocks, resolution, in_channels, use_linear_attn)
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
 
@@ -196,24 +214,11 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
-                                       dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
-                                       dropout=dropout)
+        self.build_middle(block_in, dropout, attn_type)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[i_level]
-            for _ in range(self.num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=self.temb_ch,
-                                         dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up, block_in = resolution_level(block_in, ch * ch_mult[i_level], self.num_res_blocks + 1,
+                                            curr_res in attn_resolutions, dropout, attn_type)
             if i_level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res = curr_res * 2
@@ -224,14 +229,10 @@ class Decoder(nn.Module):
     def forward(self, z):
         self.last_z_shape = z.shape
         temb = None
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+        h = self.run_middle(self.conv_in(z), temb)
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
-            for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](h, temb)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = run_level(up, h, temb)
             if i_level != 0:
                 h = up.upsample(h)
         if self.give_pre_end:

@@ -164,14 +164,15 @@ class SiLU(nn.Module):
         return F.silu(x)
 
 
+def _of_dims(dims, layers):
+    """The 1D, 2D or 3D variant of a layer."""
+    if dims not in (1, 2, 3):
+        raise ValueError(f"unsupported dimensions: {dims}")
+    return layers[dims - 1]
+
+
 def conv_nd(dims, *args, **kwargs):
-    if dims == 1:
-        return nn.Conv1d(*args, **kwargs)
-    if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
-    if dims == 3:
-        return nn.Conv3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
+    return _of_dims(dims, (nn.Conv1d, nn.Conv2d, nn.Conv3d))(*args, **kwargs)
 
 
 def linear(*args, **kwargs):
@@ -179,10 +180,4 @@ def linear(*args, **kwargs):
 
 
 def avg_pool_nd(dims, *args, **kwargs):
-    if dims == 1:
-        return nn.AvgPool1d(*args, **kwargs)
-    if dims == 2:
-        return nn.AvgPool2d(*args, **kwargs)
-    if dims == 3:
-        return nn.AvgPool3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
+    return _of_dims(dims, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))(*args, **kwargs)

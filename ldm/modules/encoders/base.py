@@ -1,12 +1,18 @@
 """Encoder interface and helpers shared by the conditioning encoders."""
 import torch.nn as nn
 
+from ldm.modules.freeze import disabled_train, freeze_module  # noqa: F401  (also the encoders' import path)
+
 
 class AbstractEncoder(nn.Module):
     """A conditioning encoder: ``encode(x)`` turns raw conditioning into what the diffusion model consumes."""
 
     def encode(self, *args, **kwargs):
         raise NotImplementedError
+
+    def freeze(self):
+        """Fix the weights for good: eval mode that survives a parent's ``.train()``, no gradients."""
+        freeze_module(self)
 
 
 class IdentityEncoder(AbstractEncoder):
@@ -16,11 +22,6 @@ class IdentityEncoder(AbstractEncoder):
         return x
 
 
-def disabled_train(self, mode=True):
-    """Replacement for ``Module.train`` that keeps a frozen module in eval mode whatever its parent does."""
-    return self
-
-
 def parameter_device(module):
     """Device of ``module``'s own weights: inputs go there, whatever device string a config asked for."""
     for tensor in module.parameters():
@@ -28,10 +29,3 @@ def parameter_device(module):
     for tensor in module.buffers():
         return tensor.device
     raise ValueError(f"{type(module).__name__} has no parameters or buffers to take a device from")
-
-
-def freeze_module(module):
-    """Put ``module`` in eval mode and stop gradients to all its parameters."""
-    module.eval()
-    for param in module.parameters():
-        param.requires_grad = False

@@ -4,7 +4,7 @@ import logging
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.encoders.base import AbstractEncoder, freeze_module, parameter_device
+from ldm.modules.encoders.base import AbstractEncoder, parameter_device
 from ldm.modules.encoders.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, CLIPBPETokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         self.layer_idx = layer_idx
         if freeze:
             self.freeze()
-
-    def freeze(self):
-        freeze_module(self.transformer)
 
     def forward(self, text):
         tokens = self.tokenizer(text).to(parameter_device(self.transformer))

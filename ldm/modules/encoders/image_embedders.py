@@ -87,9 +87,6 @@ class FrozenOpenCLIPImageEmbedder(_ImagePreprocess, AbstractEncoder):
         if freeze:
             self.freeze()
 
-    def freeze(self):
-        freeze_module(self.model)
-
     def forward(self, image, no_dropout=False):
         return self.drop(self.encode_with_vision_transformer(image), no_dropout)
 

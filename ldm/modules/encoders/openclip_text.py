@@ -4,7 +4,7 @@ import copy
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.encoders.base import AbstractEncoder, freeze_module, parameter_device
+from ldm.modules.encoders.base import AbstractEncoder, parameter_device
 from ldm.modules.encoders.tokenizer import OPENCLIP_PAD_TOKEN_ID, CLIPBPETokenizer
 
 # The image tower is deleted right after construction, so it is built at a token size: the full
@@ -63,9 +63,6 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         self.layer_idx = {"last": 0, "penultimate": 1}[layer]  # blocks skipped at the end
         if freeze:
             self.freeze()
-
-    def freeze(self):
-        freeze_module(self.model)
 
     def forward(self, text):
         tokens = self.tokenizer(text).to(parameter_device(self.model))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ldm.errors import UserError
+from ldm.modules.freeze import freeze_module
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,7 @@ class LPIPS(nn.Module):
             setattr(self, f"lin{i}", NetLinLayer(chn))
         if weights_path is not None:
             self.load_weights(weights_path)
-        for param in self.parameters():
-            param.requires_grad = False
-        self.eval()
-
-    def train(self, mode=True):
-        return super().train(False)
+        freeze_module(self)
 
     def load_weights(self, path):
         from ldm.checkpoint import read_state_dict

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.errors import UserError
+from ldm.modules.freeze import freeze_module
 from ldm.modules.midas.dpt import DPTDepthModel
 from ldm.modules.midas.midas_net import MidasNet, MidasNetSmall
 
@@ -51,18 +52,15 @@ class MiDaSInference(nn.Module):
         super().__init__()
         _check_model_type(model_type)
         self.model_type = model_type
-        self.model = MODEL_TYPES[model_type][0](non_negative=True, **net_kwargs).eval()
+        self.model = MODEL_TYPES[model_type][0](non_negative=True, **net_kwargs)
         self.has_weights = False
         self.register_load_state_dict_pre_hook(MiDaSInference._note_weights)
+        freeze_module(self)  # the depth network is never trained here: eval mode for good
 
     @staticmethod
     def _note_weights(module, state_dict, prefix, *args):
         if any(key.startswith(prefix + "model.") for key in state_dict):
             module.has_weights = True
-
-    def train(self, mode=True):
-        """Stays in eval mode: the depth network is never trained here."""
-        return super().train(False)
 
     def load_midas_weights(self, path):
         """Load a MiDaS release file (e.g. dpt_hybrid-midas-501f0c75.pt) into ``self.model``, strictly."""

@@ -189,13 +189,16 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-    """Add the skip (after a residual unit), refine, upsample 2x, project (to ``out_features``)."""
+    """Add the skip (after a residual unit), refine, upsample 2x, project (to ``out_features``).
 
-    def __init__(self, features, out_features=None):
+    The v2.1 ResNeXt net uses its own residual ``unit`` and has no projection (``project=False``).
+    """
+
+    def __init__(self, features, out_features=None, unit=ResidualConvUnit, project=True):
         super().__init__()
-        self.out_conv = nn.Conv2d(features, out_features or features, kernel_size=1)
-        self.resConfUnit1 = ResidualConvUnit(features)
-        self.resConfUnit2 = ResidualConvUnit(features)
+        self.out_conv = nn.Conv2d(features, out_features or features, kernel_size=1) if project else nn.Identity()
+        self.resConfUnit1 = unit(features)
+        self.resConfUnit2 = unit(features)
 
     def forward(self, x, skip=None):
         if skip is not None:

@@ -36,21 +36,6 @@ class ResidualConvUnitV21(nn.Module):
         return self.conv2(F.relu(self.conv1(x))) + x
 
 
-class FeatureFusionBlockV21(nn.Module):
-    """Add the skip (after a residual unit), refine, upsample 2x; no output projection."""
-
-    def __init__(self, features):
-        super().__init__()
-        self.resConfUnit1 = ResidualConvUnitV21(features)
-        self.resConfUnit2 = ResidualConvUnitV21(features)
-
-    def forward(self, x, skip=None):
-        if skip is not None:
-            x = x + self.resConfUnit1(skip)
-        x = self.resConfUnit2(x)
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-
-
 class MidasNet(nn.Module):
     """``midas_v21``: ResNeXt-101 32x8d encoder, 256-wide decoder. Image [B, 3, H, W] -> [B, H, W]."""
 
@@ -65,7 +50,7 @@ class MidasNet(nn.Module):
         self.pretrained.layer4 = resnet.layer4
         self.scratch = make_projections((256, 512, 1024, 2048), (features,) * 4)
         for level in range(4):
-            setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlockV21(features))
+            setattr(self.scratch, f"refinenet{level + 1}", FeatureFusionBlock(features, unit=ResidualConvUnitV21, project=False))
         self.scratch.output_conv = make_output_head(features, 128, non_negative)
 
     def forward(self, x):
