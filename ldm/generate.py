@@ -8,6 +8,7 @@ sampling, which only matches the official images where the start noise is drawn 
 import logging
 import random
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from PIL import Image
 from ldm.errors import UserError
 from ldm.image_io import images_to_tensor, tensor_to_images
 from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler  # noqa: F401 (re-exported)
+from ldm.models.diffusion.samplers import DISPLAY_NAMES, PARTIAL_SCHEDULE_SAMPLERS
 from ldm.models.diffusion.samplers import make_sampler as _make_sampler
 
 log = logging.getLogger(__name__)
@@ -121,50 +123,123 @@ def checked_device(model, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# the loop every generation function shares
+
+@dataclass
+class Sampling:
+    """The settings every generation function takes as keyword arguments.
+
+    ``negative_prompt`` is the unconditional side of guidance; ``sampler`` a name from
+    ``SAMPLERS``; ``eta`` DDIM's noise (0 = deterministic); ``precision``/``bf16`` the autocast
+    (see ``precision_scope``); ``on_batch(images, prompts)`` is called as each batch finishes, so
+    callers can save as they go.
+    """
+    negative_prompt: str = ""
+    sampler: str = "ddim"
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    seed: int = 42
+    n_samples: int = 1
+    n_iter: int = 1
+    precision: str = "autocast"
+    bf16: object = False
+    device: object = None
+    progress: bool = True
+    on_batch: object = None
+
+
+def run_generation(model, prompts, sampling, make_batch, setup=None):
+    """Check ``sampling``, seed, and run ``make_batch`` for every batch of every round.
+
+    Inside no-grad, the precision scope and the EMA weights, ``setup(sampler)`` runs once (its
+    result is ``state``), then ``make_batch(sampler, prompts_of_batch, state)`` returns each
+    batch's images, which go to ``on_batch`` and into the returned list (round, batch, sample).
+    """
+    check_settings(model, sampler=sampling.sampler, steps=sampling.steps, scale=sampling.scale,
+                   eta=sampling.eta, n_samples=sampling.n_samples, n_iter=sampling.n_iter)
+    device = checked_device(model, sampling.device)
+    data = batches(prompts, sampling.n_samples)
+    sampler = make_sampler(sampling.sampler, model)
+    seed_everything(sampling.seed)
+    images = []
+    with torch.no_grad(), precision_scope(device, sampling.precision, sampling.bf16), ema_weights(model):
+        state = setup(sampler) if setup is not None else None
+        for _ in range(sampling.n_iter):
+            for batch in data:
+                batch_images = make_batch(sampler, batch, state)
+                if sampling.on_batch is not None:
+                    sampling.on_batch(batch_images, batch)
+                images.extend(batch_images)
+    return images
+
+
+def max_batch(prompts, n_samples):
+    return max(len(b) for b in batches(prompts, n_samples))
+
+
+def sample(sampler, sampling, cond, uncond, shape, **extra):
+    """One guided sampling run of ``sampler`` from noise (``x_T`` and blending in ``extra``)."""
+    samples, _ = sampler.sample(S=sampling.steps, conditioning=cond, batch_size=shape[0],
+                                shape=list(shape[1:]), verbose=False, eta=sampling.eta,
+                                unconditional_guidance_scale=sampling.scale,
+                                unconditional_conditioning=uncond if sampling.scale != 1.0 else None,
+                                progress=sampling.progress, **extra)
+    return samples
+
+
+def sample_from_latent(sampler, sampling, init_latent, strength, cond, uncond):
+    """Noise ``init_latent`` to ``strength`` of the schedule (0 keeps it, 1 is pure noise) and
+    denoise the rest of the way: the img2img partial schedule."""
+    steps, n = sampling.steps, init_latent.shape[0]
+    uncond = uncond if sampling.scale != 1.0 else None
+    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=sampling.eta, verbose=False)
+    t_enc = int(strength * steps)
+    # the official script indexes past the schedule at strength 1.0 and crashes; noising to the
+    # last DDIM step instead keeps every other strength as it was
+    z_enc = sampler.stochastic_encode(init_latent, torch.tensor([min(t_enc, steps - 1)] * n,
+                                                                device=init_latent.device))
+    return sampler.decode(z_enc, cond, t_enc, unconditional_guidance_scale=sampling.scale,
+                          unconditional_conditioning=uncond, progress=sampling.progress)
+
+
+def encode_image(model, image, n):
+    """Latents [n, C, h, w] of a PIL image, each copy with its own posterior draw (as the official
+    scripts encode the repeated image)."""
+    x = images_to_tensor([image] * n).to(device=model_device(model), dtype=model_dtype(model))
+    return model.get_first_stage_encoding(model.encode_first_stage(x))
+
+
+# ---------------------------------------------------------------------------------------------
 # text to image
 
-def txt2img(model, prompts, *, negative_prompt="", sampler="ddim", steps=50, scale=7.5, eta=0.0,
-            H=None, W=None, seed=42, n_samples=1, n_iter=1, fixed_code=False,
-            precision="autocast", bf16=False, device=None, progress=True, on_batch=None):
-    """Generate images from text; returns them in order (iteration, then batch, then sample).
+def txt2img(model, prompts, *, H=None, W=None, fixed_code=False, **sampling):
+    """Generate images from text; returns them in order (round, then batch, then sample).
 
-    ``prompts``: one string (``n_samples`` images per iteration) or a list cut into batches of
-    ``n_samples``. ``on_batch(images, prompts)`` is called after each batch so callers can save
-    as they go. ``fixed_code`` draws one start noise and reuses it every iteration.
+    ``prompts``: one string (``n_samples`` images per round) or a list cut into batches of
+    ``n_samples``. ``fixed_code`` draws one start noise and reuses it every round. The other
+    keyword arguments are :class:`Sampling`'s.
     """
-    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta,
-                   n_samples=n_samples, n_iter=n_iter)
-    device = checked_device(model, device)
+    sampling = Sampling(**sampling)
     f, C = latent_factor(model), latent_channels(model)
     native_h, native_w = native_size(model)
     H, W = H or native_h, W or native_w
     multiple = max(8, f)
     if H % multiple or W % multiple or H <= 0 or W <= 0:
         raise UserError(f"height and width must be positive multiples of {multiple}, got {H}x{W}")
-    data = batches(prompts, n_samples)
-    sampler_obj = make_sampler(sampler, model)
     shape = [C, H // f, W // f]
 
-    seed_everything(seed)
-    start_code = None
-    if fixed_code:
-        start_code = torch.randn([n_samples, *shape], device=device)
+    def setup(sampler):
+        if fixed_code:
+            return torch.randn([sampling.n_samples, *shape], device=model_device(model))
+        return None
 
-    images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
-        for _ in range(n_iter):
-            for batch in data:
-                c, uc = text_conditioning(model, batch, negative_prompt, scale)
-                samples, _ = sampler_obj.sample(
-                    S=steps, conditioning=c, batch_size=len(batch), shape=shape, verbose=False,
-                    unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=eta,
-                    x_T=None if start_code is None else start_code[:len(batch)],
-                    progress=progress)
-                batch_images = _decode(model, samples)
-                if on_batch is not None:
-                    on_batch(batch_images, batch)
-                images.extend(batch_images)
-    return images
+    def make_batch(sampler, batch, start_code):
+        c, uc = text_conditioning(model, batch, sampling.negative_prompt, sampling.scale)
+        x_T = None if start_code is None else start_code[:len(batch)]
+        return _decode(model, sample(sampler, sampling, c, uc, [len(batch), *shape], x_T=x_T))
+
+    return run_generation(model, prompts, sampling, make_batch, setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,47 +258,32 @@ def resize_to_multiple(image, multiple=64):
     return image
 
 
-def img2img(model, init_image, prompts, *, strength=0.75, negative_prompt="", sampler="ddim",
-            steps=50, scale=7.5, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast",
-            bf16=False, device=None, progress=True, on_batch=None):
-    """Re-draw ``init_image`` (PIL) guided by text: noise it to ``strength`` of the DDIM schedule
-    (0 keeps it, 1 starts from pure noise), then denoise. DDIM only, as officially."""
-    if sampler != "ddim":
-        raise UserError(f"img2img works with the DDIM sampler only, not '{sampler}'")
+def check_strength(strength, sampler):
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
-    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta,
-                   n_samples=n_samples, n_iter=n_iter)
-    device = checked_device(model, device)
-    init_image = resize_to_multiple(init_image.convert("RGB"), 64)
-    data = batches(prompts, n_samples)
-    batch_size = max(len(b) for b in data)
-    sampler_obj = make_sampler("ddim", model)
+    if sampler not in PARTIAL_SCHEDULE_SAMPLERS:
+        allowed = " or ".join(DISPLAY_NAMES[name] for name in PARTIAL_SCHEDULE_SAMPLERS)
+        raise UserError(f"image-to-image (a partial schedule) works with the {allowed} sampler only, "
+                        f"not {DISPLAY_NAMES.get(sampler, sampler)}")
 
-    seed_everything(seed)
-    images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
-        # the official script encodes the repeated image, so each copy gets its own posterior draw
-        init = images_to_tensor([init_image] * batch_size).to(device=device, dtype=model_dtype(model))
-        init_latent = model.get_first_stage_encoding(model.encode_first_stage(init))
-        sampler_obj.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
-        t_enc = int(strength * steps)
-        log.info("img2img: %d of %d DDIM steps (strength %.2f)", t_enc, steps, strength)
-        for _ in range(n_iter):
-            for batch in data:
-                c, uc = text_conditioning(model, batch, negative_prompt, scale)
-                n = len(batch)
-                # the official script indexes past the schedule at strength 1.0 and crashes;
-                # noising to the last DDIM step instead keeps every other strength as it was
-                z_enc = sampler_obj.stochastic_encode(
-                    init_latent[:n], torch.tensor([min(t_enc, steps - 1)] * n, device=device))
-                samples = sampler_obj.decode(z_enc, c, t_enc, unconditional_guidance_scale=scale,
-                                             unconditional_conditioning=uc, progress=progress)
-                batch_images = _decode(model, samples)
-                if on_batch is not None:
-                    on_batch(batch_images, batch)
-                images.extend(batch_images)
-    return images
+
+def img2img(model, init_image, prompts, *, strength=0.75, **sampling):
+    """Re-draw ``init_image`` (PIL) guided by text: noise it to ``strength`` of the schedule
+    (0 keeps it, 1 starts from pure noise), then denoise. Other arguments: :class:`Sampling`."""
+    sampling = Sampling(**sampling)
+    check_strength(strength, sampling.sampler)
+    init_image = resize_to_multiple(init_image.convert("RGB"), 64)
+    log.info("img2img: %d of %d steps (strength %.2f)", int(strength * sampling.steps), sampling.steps,
+             strength)
+
+    def setup(sampler):
+        return encode_image(model, init_image, max_batch(prompts, sampling.n_samples))
+
+    def make_batch(sampler, batch, init_latent):
+        c, uc = text_conditioning(model, batch, sampling.negative_prompt, sampling.scale)
+        return _decode(model, sample_from_latent(sampler, sampling, init_latent[:len(batch)], strength, c, uc))
+
+    return run_generation(model, prompts, sampling, make_batch, setup)
 
 
 def model_dtype(model):

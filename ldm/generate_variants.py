@@ -22,8 +22,8 @@ from PIL import Image
 from ldm.conditioning import (depth_conditioning, inpaint_conditioning, latent_size_of, unclip_conditioning,
                               unet_multiple, upscale_conditioning, vae_factor)
 from ldm.errors import UserError
-from ldm.generate import (batches, check_settings, checked_device, ema_weights, make_sampler, model_dtype,
-                          native_size, precision_scope, seed_everything, text_conditioning)
+from ldm.generate import (Sampling, check_strength, encode_image, max_batch, model_device, native_size,
+                          run_generation, sample, sample_from_latent, text_conditioning)
 from ldm.image_io import images_to_tensor, tensor_to_images
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,6 @@ def _crop(images, size):
     return [im.crop((0, 0, *size)) if im.size != tuple(size) else im for im in images]
 
 
-def _encode(model, image, n):
-    """Latents [n, C, h, w] of a PIL image, each copy with its own posterior draw (as officially)."""
-    x = images_to_tensor([image] * n).to(device=model.device, dtype=model_dtype(model))
-    return model.get_first_stage_encoding(model.encode_first_stage(x))
-
-
 def _start_code(rng, n, shape, device):
     """Start noise from a NumPy RandomState, as the official inpainting and upscaling demos draw it."""
     return torch.from_numpy(rng.randn(n, *shape)).to(device=device, dtype=torch.float32)
@@ -150,77 +144,58 @@ def _pixels(model, z):
 # ---------------------------------------------------------------------------------------------
 # inpainting
 
-def inpaint(model, image, mask, prompts, *, negative_prompt="", sampler="ddim", steps=50, scale=7.5, eta=0.0,
-            seed=42, n_samples=1, n_iter=1, precision="autocast", bf16=False, device=None, progress=True,
-            on_batch=None):
+def inpaint(model, image, mask, prompts, **sampling):
     """Repaint ``image`` (PIL) where ``mask`` (PIL, any mode; white = repaint) is white.
 
     An inpainting model (9 U-Net input channels) sees the mask and the masked image. A text-to-image
     model instead samples freely and, before every step, resets the known region to the image's
     latent noised to that step (latent-diffusion's inpainting); its known pixels are pasted back at
-    the end. A mask of another size is resized to the image with a warning.
+    the end. A mask of another size is resized to the image with a warning. Other keyword
+    arguments: :class:`ldm.generate.Sampling`.
     """
+    sampling = Sampling(**sampling)
     family = require_family(model, "inpainting", "txt2img")
-    if family == "txt2img" and sampler == "dpm":
+    if family == "txt2img" and sampling.sampler == "dpm":
         raise UserError("inpainting with a text-to-image model needs the DDIM or PLMS sampler, not DPM-Solver")
-    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
-    device = checked_device(model, device)
     image = image.convert("RGB")
     mask = fit_to(to_mask(mask), image.size, "mask")
     if not np.asarray(mask).any():
         log.warning("the mask is all black: nothing will be repainted")
     padded_image = pad_to_multiple(image, size_multiple(model))
     padded_mask = pad_to_multiple(mask, size_multiple(model))
-    data = batches(prompts, n_samples)
-    sampler_obj = make_sampler(sampler, model)
-    latent_size = latent_size_of(model, padded_image.height, padded_image.width)
-    shape = [model.channels, *latent_size]
-    rng = np.random.RandomState(seed)
-    seed_everything(seed)
-    images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
-        binary = np.asarray(padded_mask) >= 128   # binarised at 0.5, as the inpainting models see it
-        repaint_image = Image.fromarray(binary.astype(np.uint8) * 255)
-        repaint = torch.from_numpy(binary).float()[None, None].to(device)  # [1, 1, H, W], 1 = repaint
-        for _ in range(n_iter):
-            for batch in data:
-                n = len(batch)
-                x_T = _start_code(rng, n, shape, device)
-                if family == "inpainting":
-                    cond = inpaint_conditioning(model, padded_image, padded_mask, batch, negative_prompt)
-                    samples, _ = sampler_obj.sample(
-                        S=steps, conditioning=cond.cond, batch_size=n, shape=shape, verbose=False, eta=eta,
-                        unconditional_guidance_scale=scale, x_T=x_T, progress=progress,
-                        unconditional_conditioning=cond.uncond if scale != 1.0 else None)
-                    pixels = _pixels(model, samples)
-                else:
-                    pixels = _blend_inpaint(model, sampler_obj, padded_image, repaint, batch, x_T,
-                                            negative_prompt=negative_prompt, steps=steps, scale=scale, eta=eta,
-                                            progress=progress)
-                batch_images = tensor_to_images(pixels)
-                if family == "txt2img":  # the known pixels exactly as they were
-                    batch_images = [Image.composite(im, padded_image, repaint_image) for im in batch_images]
-                batch_images = _crop(batch_images, image.size)
-                if on_batch is not None:
-                    on_batch(batch_images, batch)
-                images.extend(batch_images)
-    return images
+    shape = [model.channels, *latent_size_of(model, padded_image.height, padded_image.width)]
+    binary = np.asarray(padded_mask) >= 128   # binarised at 0.5, as the inpainting models see it
+    repaint_image = Image.fromarray(binary.astype(np.uint8) * 255)
+    rng = np.random.RandomState(sampling.seed)
+
+    def make_batch(sampler, batch, _):
+        n = len(batch)
+        x_T = _start_code(rng, n, shape, model_device(model))
+        if family == "inpainting":
+            cond = inpaint_conditioning(model, padded_image, padded_mask, batch, sampling.negative_prompt)
+            pixels = _pixels(model, sample(sampler, sampling, cond.cond, cond.uncond, [n, *shape], x_T=x_T))
+            batch_images = tensor_to_images(pixels)
+        else:
+            repaint = torch.from_numpy(binary).float()[None, None].to(x_T.device)  # [1, 1, H, W], 1 = repaint
+            pixels = _blend_inpaint(model, sampler, sampling, padded_image, repaint, batch, x_T)
+            # the known pixels exactly as they were
+            batch_images = [Image.composite(im, padded_image, repaint_image) for im in tensor_to_images(pixels)]
+        return _crop(batch_images, image.size)
+
+    return run_generation(model, prompts, sampling, make_batch)
 
 
-def _blend_inpaint(model, sampler_obj, image, repaint, prompts, x_T, *, negative_prompt, steps, scale, eta,
-                   progress):
+def _blend_inpaint(model, sampler, sampling, image, repaint, prompts, x_T):
     """Decoded samples [B, 3, H, W] of a text-to-image model that keeps the known latent region at
     every step; ``repaint`` [1, 1, H, W] is 1 where to repaint."""
     n = len(prompts)
-    c, uc = text_conditioning(model, prompts, negative_prompt, scale)
-    x0 = _encode(model, image, n)
+    c, uc = text_conditioning(model, prompts, sampling.negative_prompt, sampling.scale)
+    x0 = encode_image(model, image, n)
     # a latent pixel is repainted when any pixel under it is: the known region never leaks into the hole
     keep = 1.0 - F.max_pool2d(repaint, kernel_size=vae_factor(model))
     keep = keep.expand(n, 1, *x0.shape[-2:]).to(x0.dtype)
     # the sampler's convention: img = q_sample(x0, t) * mask + (1 - mask) * img, so mask = keep
-    samples, _ = sampler_obj.sample(S=steps, conditioning=c, batch_size=n, shape=list(x0.shape[1:]), verbose=False,
-                                    eta=eta, unconditional_guidance_scale=scale, unconditional_conditioning=uc,
-                                    mask=keep, x0=x0, x_T=x_T, progress=progress)
+    samples = sample(sampler, sampling, c, uc, list(x0.shape), mask=keep, x0=x0, x_T=x_T)
     return _pixels(model, keep * x0 + (1.0 - keep) * samples)
 
 
@@ -247,57 +222,44 @@ def depth_to_image(depth, size, visible=None):
     return Image.fromarray((shown.clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8))
 
 
-def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, negative_prompt="", sampler="ddim",
-              steps=50, scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast", bf16=False, device=None,
-              progress=True, on_batch=None, on_depth=None):
+def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, on_depth=None, **sampling):
     """Re-draw ``init_image`` keeping its depth; returns (images, depth image used).
 
     ``depth_map`` (PIL, white = near) replaces the MiDaS estimate, which needs the checkpoint's
-    ``depth_model.*`` weights. Noising and denoising follow img2img (DDIM, ``strength``).
-    ``on_depth(depth_image)`` is called once the depth is known, before sampling starts.
+    ``depth_model.*`` weights. Noising and denoising follow img2img (``strength``).
+    ``on_depth(depth_image)`` is called once the depth is known, before sampling starts. Other
+    keyword arguments: :class:`ldm.generate.Sampling` (default scale 9, as officially).
     """
+    sampling = Sampling(**{"scale": 9.0, **sampling})
     require_family(model, "depth")
-    if sampler != "ddim":
-        raise UserError(f"depth2img works with the DDIM sampler only, not '{sampler}'")
-    if not 0.0 <= strength <= 1.0:
-        raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
-    check_settings(model, sampler="ddim", steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
-    device = checked_device(model, device)
+    check_strength(strength, sampling.sampler)
     init_image = init_image.convert("RGB")
     padded = pad_to_multiple(init_image, size_multiple(model))
     depth = None
     if depth_map is not None:
         depth_map = fit_to(depth_map.convert("F"), init_image.size, "depth map")
-        depth = depth_map_tensor(pad_to_multiple(depth_map, size_multiple(model))).to(device)
-    data = batches(prompts, n_samples)
-    sampler_obj = make_sampler("ddim", model)
-    seed_everything(seed)
-    images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
+        depth = depth_map_tensor(pad_to_multiple(depth_map, size_multiple(model))).to(model_device(model))
+    depth_images = []
+    log.info("depth2img: %d of %d steps (strength %.2f)", int(strength * sampling.steps), sampling.steps, strength)
+
+    def setup(sampler):
+        nonlocal depth
         if depth is None:
             from ldm.modules.midas.api import midas_input
-            pixels = images_to_tensor([padded]).to(device)
+            pixels = images_to_tensor([padded]).to(model_device(model))
             depth = model.estimate_depth(midas_input(pixels, model.depth_model.model_type))
-        depth_image = depth_to_image(depth, padded.size, init_image.size)
+        depth_images.append(depth_to_image(depth, padded.size, init_image.size))
         if on_depth is not None:
-            on_depth(depth_image)
-        init_latent = _encode(model, padded, max(len(b) for b in data))
-        sampler_obj.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
-        t_enc = int(strength * steps)
-        log.info("depth2img: %d of %d DDIM steps (strength %.2f)", t_enc, steps, strength)
-        for _ in range(n_iter):
-            for batch in data:
-                n = len(batch)
-                cond = depth_conditioning(model, batch, image=padded, depth=depth, negative_prompt=negative_prompt)
-                z_enc = sampler_obj.stochastic_encode(
-                    init_latent[:n], torch.tensor([min(t_enc, steps - 1)] * n, device=device))
-                samples = sampler_obj.decode(z_enc, cond.cond, t_enc, unconditional_guidance_scale=scale,
-                                             unconditional_conditioning=cond.uncond, progress=progress)
-                batch_images = _crop(tensor_to_images(_pixels(model, samples)), init_image.size)
-                if on_batch is not None:
-                    on_batch(batch_images, batch)
-                images.extend(batch_images)
-    return images, depth_image
+            on_depth(depth_images[0])
+        return encode_image(model, padded, max_batch(prompts, sampling.n_samples))
+
+    def make_batch(sampler, batch, init_latent):
+        cond = depth_conditioning(model, batch, image=padded, depth=depth, negative_prompt=sampling.negative_prompt)
+        samples = sample_from_latent(sampler, sampling, init_latent[:len(batch)], strength, cond.cond, cond.uncond)
+        return _crop(tensor_to_images(_pixels(model, samples)), init_image.size)
+
+    images = run_generation(model, prompts, sampling, make_batch, setup)
+    return images, depth_images[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,19 +320,18 @@ class Tiles:
             yield low, high
 
 
-def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overlap=None, negative_prompt="",
-            sampler="ddim", steps=50, scale=9.0, eta=0.0, seed=42, n_samples=1, n_iter=1, precision="autocast",
-            bf16=False, device=None, progress=True, on_batch=None):
+def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overlap=None, **sampling):
     """Upscale ``low_res`` (PIL) by the model's factor (x4 for the official upscaler).
 
     Images larger than ``tile`` low-res pixels are cut into overlapping tiles (``tile_overlap``
     pixels in common), each sampled on its own and decoded; overlaps are blended with linear
     ramps (default overlap: a quarter of the tile, at most 32). The noised low-res image and the
     start noise are drawn once for the whole image, so neighbouring tiles start from the same
-    values where they overlap. ``tile=0`` never tiles.
+    values where they overlap. ``tile=0`` never tiles. Other keyword arguments:
+    :class:`ldm.generate.Sampling` (default scale 9, as officially).
     """
+    sampling = Sampling(**{"scale": 9.0, **sampling})
     require_family(model, "upscaling")
-    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
     check_noise_level(model, noise_level)
     m, f = unet_multiple(model), vae_factor(model)
     if tile and (tile < m or tile % m):
@@ -379,38 +340,26 @@ def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overla
         tile_overlap = min(32, tile // 4)
     if tile and not 0 <= tile_overlap < tile:
         raise UserError(f"tile overlap must be from 0 to {tile - 1} pixels, got {tile_overlap}")
-    device = checked_device(model, device)
     low_res = low_res.convert("RGB")
     padded = pad_to_multiple(low_res, m)
     W, H = padded.size
     tiles = Tiles(H, W, tile or max(H, W), tile_overlap, f)
     if len(tiles.starts) > 1:
         log.info("upscaling %dx%d in %d tiles of %dx%d low-res pixels", W, H, len(tiles.starts), tiles.w, tiles.h)
-    data = batches(prompts, n_samples)
-    sampler_obj = make_sampler(sampler, model)
-    rng = np.random.RandomState(seed)
-    seed_everything(seed)
-    images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
-        for _ in range(n_iter):
-            for batch in data:
-                n = len(batch)
-                cond = upscale_conditioning(model, padded, batch, noise_level, negative_prompt)
-                x_T = _start_code(rng, n, cond.shape, device)
-                out = torch.zeros(n, 3, H * f, W * f)
-                for low, high in tiles:
-                    c, uc = (dict(side, c_concat=[side["c_concat"][0][low]]) for side in (cond.cond, cond.uncond))
-                    samples, _ = sampler_obj.sample(
-                        S=steps, conditioning=c, batch_size=n, shape=[cond.shape[0], tiles.h, tiles.w], verbose=False,
-                        eta=eta, unconditional_guidance_scale=scale, x_T=x_T[low], progress=progress,
-                        unconditional_conditioning=uc if scale != 1.0 else None)
-                    out[high] += _pixels(model, samples).cpu() * tiles.weight
-                batch_images = tensor_to_images(out / tiles.total_weight)
-                batch_images = _crop(batch_images, (low_res.width * f, low_res.height * f))
-                if on_batch is not None:
-                    on_batch(batch_images, batch)
-                images.extend(batch_images)
-    return images
+    rng = np.random.RandomState(sampling.seed)
+
+    def make_batch(sampler, batch, _):
+        n = len(batch)
+        cond = upscale_conditioning(model, padded, batch, noise_level, sampling.negative_prompt)
+        x_T = _start_code(rng, n, cond.shape, model_device(model))
+        out = torch.zeros(n, 3, H * f, W * f)
+        for low, high in tiles:
+            c, uc = (dict(side, c_concat=[side["c_concat"][0][low]]) for side in (cond.cond, cond.uncond))
+            samples = sample(sampler, sampling, c, uc, [n, cond.shape[0], tiles.h, tiles.w], x_T=x_T[low])
+            out[high] += _pixels(model, samples).cpu() * tiles.weight
+        return _crop(tensor_to_images(out / tiles.total_weight), (low_res.width * f, low_res.height * f))
+
+    return run_generation(model, prompts, sampling, make_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,20 +393,19 @@ def load_embedding(path):
     return tensors.float().reshape(-1, tensors.shape[-1])
 
 
-def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_level=0, negative_prompt="",
-                      sampler="ddim", steps=50, scale=10.0, eta=0.0, H=None, W=None, seed=42, n_samples=1, n_iter=1,
-                      precision="autocast", bf16=False, device=None, progress=True, on_batch=None):
+def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_level=0, H=None, W=None,
+                      **sampling):
     """Variations of ``image`` (PIL) or of a CLIP image ``embedding`` ([D] or [1|B, D] tensor).
 
     ``noise_level`` noises the embedding first (more = looser variations); the text prompt is
-    optional. Size ``H`` x ``W`` pixels, default the model's native size.
+    optional. Size ``H`` x ``W`` pixels, default the model's native size. Other keyword arguments:
+    :class:`ldm.generate.Sampling` (default scale 10, as officially).
     """
+    sampling = Sampling(**{"scale": 10.0, **sampling})
     require_family(model, "unclip")
     if (image is None) == (embedding is None):
         raise UserError("unCLIP variations need exactly one of an image or an image embedding")
-    check_settings(model, sampler=sampler, steps=steps, scale=scale, eta=eta, n_samples=n_samples, n_iter=n_iter)
     check_noise_level(model, noise_level)
-    device = checked_device(model, device)
     native_h, native_w = native_size(model)
     H, W = H or native_h, W or native_w
     latent_size = latent_size_of(model, H, W, what="the requested size")
@@ -467,24 +415,17 @@ def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_le
             raise UserError(f"the embedding has width {embedding.shape[-1]} but this model takes "
                             f"{embedding_width(model)}; use an embedding from the model's own CLIP image encoder")
         embedding = embedding.reshape(-1, embedding.shape[-1])
-    data = batches(prompts, n_samples)
-    sampler_obj = make_sampler(sampler, model)
-    seed_everything(seed)
-    images = []
-    with torch.no_grad(), precision_scope(device, precision, bf16), ema_weights(model):
+
+    def setup(sampler):
         if image is not None:
-            embedding = model.embed_images(images_to_tensor([image.convert("RGB")]).to(device))
-        for _ in range(n_iter):
-            for batch in data:
-                n = len(batch)
-                cond = unclip_conditioning(model, batch, embedding=embedding[:n] if len(embedding) > 1 else embedding,
-                                           noise_level=noise_level, negative_prompt=negative_prompt, size=(H, W))
-                samples, _ = sampler_obj.sample(
-                    S=steps, conditioning=cond.cond, batch_size=n, shape=[model.channels, *latent_size],
-                    verbose=False, eta=eta, unconditional_guidance_scale=scale, progress=progress,
-                    unconditional_conditioning=cond.uncond if scale != 1.0 else None)
-                batch_images = tensor_to_images(_pixels(model, samples))
-                if on_batch is not None:
-                    on_batch(batch_images, batch)
-                images.extend(batch_images)
-    return images
+            return model.embed_images(images_to_tensor([image.convert("RGB")]).to(model_device(model)))
+        return embedding
+
+    def make_batch(sampler, batch, embedded):
+        n = len(batch)
+        cond = unclip_conditioning(model, batch, embedding=embedded[:n] if len(embedded) > 1 else embedded,
+                                   noise_level=noise_level, negative_prompt=sampling.negative_prompt, size=(H, W))
+        samples = sample(sampler, sampling, cond.cond, cond.uncond, [n, model.channels, *latent_size])
+        return tensor_to_images(_pixels(model, samples))
+
+    return run_generation(model, prompts, sampling, make_batch, setup)

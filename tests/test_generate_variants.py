@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.errors import UserError
+from ldm import generate as generation
 from ldm import generate_variants as gv
 from tiny_models import depth_config, inpaint_config, unclip_config, upscale_config
 
@@ -116,7 +117,7 @@ def test_blend_inpaint_keeps_known_pixels_and_resizes_the_mask(tiny_model, caplo
 
 def test_blend_inpaint_latent_mask_covers_every_repainted_pixel(tiny_model, monkeypatch):
     seen = {}
-    original = gv.make_sampler
+    original = generation.make_sampler
 
     def spy(name, model):
         sampler = original(name, model)
@@ -128,7 +129,7 @@ def test_blend_inpaint_latent_mask_covers_every_repainted_pixel(tiny_model, monk
         sampler.sample = recording
         return sampler
 
-    monkeypatch.setattr(gv, "make_sampler", spy)
+    monkeypatch.setattr(generation, "make_sampler", spy)
     gv.inpaint(tiny_model, rgb(16, 16), box_mask(16, 16, (3, 5, 4, 6)), "a", **STEPS)  # one pixel at (x=3, y=5)
     keep = seen["keep"][0, 0]
     assert keep.shape == (8, 8) and keep[2, 1] == 0 and keep.sum() == 63
@@ -200,7 +201,7 @@ def test_upscale_blends_tiles_back_into_place(upscale_model, monkeypatch):
             assert conditioning["c_concat"][0].shape[-2:] == x_T.shape[-2:] == tuple(shape[1:])
             return x_T, None
 
-    monkeypatch.setattr(gv, "make_sampler", lambda name, model: Echo())
+    monkeypatch.setattr(generation, "make_sampler", lambda name, model: Echo())
     monkeypatch.setattr(gv, "_pixels", lambda model, z: F.interpolate(z[:, :3], scale_factor=2).clamp(0, 1))
     out = gv.upscale(upscale_model, rgb(14, 10), "a", tile=6, tile_overlap=2, seed=3, **STEPS)
     noise = torch.from_numpy(np.random.RandomState(3).randn(1, 4, 10, 14)).float()

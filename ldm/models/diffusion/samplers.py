@@ -18,6 +18,8 @@ DISPLAY_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM-Solver++"}
 # Samplers whose update draws fresh noise scaled by eta (Song et al. 2021, eq. 16); for the
 # others an eta would be silently ignored, so it is refused instead.
 TAKES_ETA = ("ddim",)
+# Samplers that can start part-way down their schedule from a noised latent (img2img strength).
+PARTIAL_SCHEDULE_SAMPLERS = ("ddim",)
 
 
 def check_sampler(name):
