@@ -16,6 +16,7 @@ import torch
 
 from ldm.config_safety import check_config_targets, trusting_configs
 from ldm.errors import UserError
+from ldm.model_markers import MARKER_KEYS, apply_markers, derived_schedule_keys, sibling_config
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ class LoadReport:
 
 
 def _ignorable(key, model_keys, has_ema, ignore_keys=()):
-    if key.startswith(ignore_keys):
+    if key.startswith(ignore_keys) or key in MARKER_KEYS:  # markers: see ldm.model_markers
         return True
     if key in model_keys:
         return False
@@ -320,9 +321,12 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_key
     ignore_keys = tuple(ignore_keys)
     own = model.state_dict()
     has_ema = getattr(model, "use_ema", False) and hasattr(model, "model_ema")
+    keep_own = derived_schedule_keys(model)
+    if keep_own & sd.keys():
+        log.info("zero terminal SNR: keeping the model's own schedule buffers, not the checkpoint's")
     usable = {}
     for key, value in sd.items():
-        if _ignorable(key, own, has_ema, ignore_keys):
+        if _ignorable(key, own, has_ema, ignore_keys) or key in keep_own:
             report.ignored.append(key)
         elif key not in own:
             report.unexpected.append(key)
@@ -330,7 +334,7 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_key
             report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
         else:
             usable[key] = value
-    report.missing = [k for k in own if k not in sd and not k.startswith(ignore_keys)]
+    report.missing = [k for k in own if k not in sd and not k.startswith(ignore_keys) and k not in keep_own]
     report.loaded = len(usable)
 
     if strict and not report.ok:
@@ -401,7 +405,8 @@ def _mismatch_message(report, sd, own, config_name):
 # building a ready model
 
 def resolve_paths(config_path=None, ckpt_path=None):
-    """Fill in the shipped default model; explain what to pass when something is missing."""
+    """Fill in the shipped default model, or the ``<stem>.yaml`` beside a checkpoint given without
+    a config (ldm.model_markers); explain what to pass when something is missing."""
     if config_path is None and ckpt_path is None:
         config, ckpt = REPO_ROOT / DEFAULT_CONFIG, REPO_ROOT / DEFAULT_CKPT
         if not config.is_file() or not ckpt.is_file():
@@ -409,9 +414,14 @@ def resolve_paths(config_path=None, ckpt_path=None):
                             f"missing; give the checkpoint and the config of the model to use")
         return config, ckpt
     if config_path is None:
+        beside = sibling_config(ckpt_path)
+        if beside is not None:
+            log.warning("using the config %s found beside the checkpoint", beside)
+            return beside, Path(ckpt_path)
         configs = sorted(p.name for p in (REPO_ROOT / SD_CONFIG_DIR).glob("*.yaml"))
         hint = _hint_for(ckpt_path)
-        raise UserError(f"checkpoint '{ckpt_path}' needs a config too{hint}; configs in "
+        raise UserError(f"checkpoint '{ckpt_path}' needs a config too{hint}: give one, or put it beside "
+                        f"the checkpoint as '{Path(ckpt_path).with_suffix('.yaml').name}'; configs in "
                         f"{SD_CONFIG_DIR}/: {', '.join(configs) or 'none found'}")
     if ckpt_path is None:
         if Path(config_path).resolve() == (REPO_ROOT / DEFAULT_CONFIG).resolve():
@@ -494,12 +504,18 @@ def load_model(config_path=None, ckpt_path=None, device=None, dtype=None, *, for
     native bfloat16/float16 (``ldm.precision``) those run in float32 with a warning, unless
     ``force_dtype``. The config may only name targets of ``ldm.config_safety.TRUSTED_MODULES``
     unless ``trust_config`` (a config can run any code).
+
+    Without ``config_path``, the ``<checkpoint stem>.yaml`` beside the checkpoint is its config
+    (checked like any other). Marker keys in the checkpoint (``v_pred``, ``ztsnr``) set the
+    parameterization and the zero-terminal-SNR schedule over what the config says, with a
+    warning: see ``ldm.model_markers``.
     """
     config_path, ckpt_path = resolve_paths(config_path, ckpt_path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, force=force_dtype)
     config = load_config(config_path, trust_config=trust_config)
     sd = read_state_dict(ckpt_path)
+    apply_markers(config, sd, config_path)
     log.info("building %s from %s", config.model.get("target", "?"), config_path)
     with trusting_configs(trust_config):
         model = instantiate_from_config(config.model)

@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 from ldm.errors import UserError
-from ldm.models.diffusion.samplers import DISPLAY_NAMES, SAMPLERS, check_eta
+from ldm.models.diffusion.samplers import (AUTOMATIC, DISPLAY_NAMES, SAMPLERS, SCHEDULE_LABELS, check_eta,
+                                          resolve_sampler, resolve_schedule, sampler_label, schedule_for)
+
+# the official scripts' flags for two samplers (--sampler names them all)
+SAMPLER_FLAGS = ("plms", "dpm")
 
 EXIT_USER_ERROR = 2
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"
@@ -94,12 +98,33 @@ def add_common_args(parser, outdir, *, samplers=SAMPLERS, size=False, fixed_code
         help=f"sampling steps (default: {SHIPPED_DEFAULTS['steps']} with the shipped model, "
              f"{OFFICIAL_DEFAULTS['steps']} otherwise)")
     group = parser.add_mutually_exclusive_group()
-    for name in SAMPLERS:
-        if name in samplers and name != "ddim":
-            group.add_argument(f"--{name}", action="store_true", help=f"use the {DISPLAY_NAMES[name]} sampler")
-        elif name not in samplers:
-            parser.not_here = {**parser.not_here, f"--{name}": f"this script samples with "
-                               f"{' or '.join(DISPLAY_NAMES[n] for n in samplers)} only"}
+    group.add_argument("--sampler", type=str, default=None,
+                       help="sampler by its web-UI name, case-insensitive: " + ", ".join(
+                           DISPLAY_NAMES[n] for n in samplers) + " (default DDIM)")
+    for name in SAMPLER_FLAGS:   # the official scripts' spelling of two of them
+        if name in samplers:
+            group.add_argument(f"--{name}", action="store_true", help=f"the same as --sampler {DISPLAY_NAMES[name]}")
+        else:
+            parser.not_here = {**parser.not_here, f"--{name}": f"this script cannot sample with "
+                               f"{DISPLAY_NAMES[name]}"}
+    parser.set_defaults(allowed_samplers=tuple(samplers))
+    add("--schedule", type=str, default=None,
+        help="sigma schedule of the Euler/DPM++/UniPC/... samplers: Automatic (the sampler's own), "
+             + ", ".join(SCHEDULE_LABELS.values()))
+    add("--spacing", choices=["leading", "trailing", "linspace"], default=None,
+        help="DDIM/PLMS timesteps: leading (official), trailing (for zero-terminal-SNR models) or linspace")
+    add("--guidance-rescale", type=number_in("--guidance-rescale", 0.0, 1.0), default=0.0,
+        help="CFG rescale phi (Lin et al. 2023; 0.7 in the paper, 0 = plain guidance)")
+    add("--emphasis", choices=["original", "no-norm", "none"], default="original",
+        help="prompt weights as A1111 reads them: (word), (word:1.3), [word]; original restores the "
+             "mean, no-norm only multiplies, none reads brackets as text")
+    add("--clip-skip", type=number_in("--clip-skip", 1, kind=int), default=None,
+        help="stop the text encoder N-1 layers early (1 = the config's layer)")
+    add("--truncate-prompts", action="store_true",
+        help="cut prompts at 75 tokens as the official scripts do (default: longer prompts are "
+             "encoded in 75-token chunks)")
+    add("--sigmas", type=str, default=None,
+        help="the sigmas themselves, e.g. '14.6,7.0,3.1,0.5' (replaces --schedule and --steps)")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
     add("--n_iter", type=int, default=1,
         help="sampling rounds (official default 3; 1 here since CPU runs are slow)")
@@ -150,8 +175,9 @@ def check_common_args(args):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.n_rows < 0:
         raise UserError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}")
+    resolve_sampler_flags(args)
     try:
-        check_eta(sampler_name(args), args.ddim_eta)
+        check_eta(args.sampler, args.ddim_eta)
     except UserError as err:
         raise UserError(f"--ddim_eta: {err}") from None
     for flag in ("H", "W"):
@@ -170,9 +196,32 @@ def check_common_args(args):
     return args
 
 
-def sampler_name(args):
-    """The sampler the flags ask for (DDIM unless a flag of another sampler is set)."""
-    return next((name for name in SAMPLERS if getattr(args, name, False)), "ddim")
+def resolve_sampler_flags(args):
+    """Turn --sampler/--plms/--dpm, --schedule and --sigmas into the library's ids (in place)."""
+    sampler, combined_schedule = resolve_sampler(args.sampler or next(
+        (name for name in SAMPLER_FLAGS if getattr(args, name, False)), "ddim"))
+    if sampler not in args.allowed_samplers:
+        allowed = ", ".join(DISPLAY_NAMES[n] for n in args.allowed_samplers)
+        raise UserError(f"--sampler {DISPLAY_NAMES[sampler]} does not work here; use one of {allowed}")
+    schedule = resolve_schedule(args.schedule) if args.schedule is not None else combined_schedule
+    schedule = None if schedule == AUTOMATIC else schedule
+    if args.sigmas is not None:
+        from ldm.models.diffusion.k_sampling import sigmas_from_list
+        try:
+            sigmas_from_list(args.sigmas)
+        except UserError as err:
+            raise UserError(f"--sigmas: {err}") from None
+        if schedule is not None:
+            raise UserError("pass either --schedule or --sigmas, not both")
+    try:
+        schedule_for(sampler, schedule, args.sigmas)
+    except UserError as err:
+        raise UserError(f"--schedule/--sigmas: {err}") from None
+    if args.spacing is not None and sampler not in ("ddim", "plms"):
+        raise UserError(f"--spacing sets DDIM/PLMS timesteps; {DISPLAY_NAMES[sampler]} does not take it")
+    args.sampler, args.schedule = sampler, schedule
+    return args
+
 
 
 def read_prompts(args):
@@ -241,16 +290,26 @@ def model_hash_for(args):
 
 def generation_kwargs(args):
     """The library arguments every generation function takes, from the common flags."""
-    return dict(negative_prompt=args.negative_prompt, sampler=sampler_name(args), steps=args.steps,
-                scale=args.scale, eta=args.ddim_eta, seed=args.seed, n_samples=args.n_samples,
-                n_iter=args.n_iter, precision=args.precision, bf16=args.bf16)
+    return dict(negative_prompt=args.negative_prompt, sampler=args.sampler, schedule=args.schedule,
+                sigmas=args.sigmas, steps=args.steps, scale=args.scale, eta=args.ddim_eta, seed=args.seed,
+                n_samples=args.n_samples, n_iter=args.n_iter, precision=args.precision, bf16=args.bf16,
+                emphasis=args.emphasis, truncate=args.truncate_prompts, clip_skip=args.clip_skip,
+                timestep_spacing=args.spacing, guidance_rescale=args.guidance_rescale)
 
 
 def image_parameters(args, **extra):
     """What each PNG's ``parameters`` text records (prompt and size are added per image)."""
-    return dict(negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler_name(args),
+    sampler, schedule = sampler_label(args.sampler, args.schedule, args.sigmas)
+    if args.sigmas is not None:
+        from ldm.models.diffusion.k_sampling import sigmas_from_list
+        steps = len(sigmas_from_list(args.sigmas)) - 1
+    else:
+        steps = args.steps
+    return dict(negative_prompt=args.negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
                 scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
-                eta=args.ddim_eta or None, **extra)
+                eta=args.ddim_eta or None, clip_skip=args.clip_skip if (args.clip_skip or 1) > 1 else None,
+                spacing=args.spacing, guidance_rescale=args.guidance_rescale or None,
+                **extra)
 
 
 def prepare(args):

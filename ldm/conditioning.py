@@ -93,23 +93,34 @@ def _prompts(prompts):
 
 
 @torch.no_grad()
-def text_conditioning(model, prompts, negative_prompt=""):
-    """(c, uc): text embeddings of the prompts and of the negative prompt, one per prompt."""
-    prompts = _prompts(prompts)
-    c = model.get_learned_conditioning(prompts)
-    uc = model.get_learned_conditioning(len(prompts) * [negative_prompt])
+def text_conditioning(model, prompts, negative_prompt="", prompt_options=None, with_uncond=True):
+    """(c, uc): text embeddings of the prompts and of the negative prompt, one per prompt.
+
+    ``prompt_options`` (emphasis, truncate, clip_skip) go to the text encoder. Prompts longer than
+    one 75-token chunk make longer conditioning: the shorter side is padded with empty-prompt
+    chunks so that cond and uncond can share one batch. ``uc`` is None without ``with_uncond``.
+    """
+    from ldm.modules.prompt_conditioning import pad_to_same_length
+    prompts, options = _prompts(prompts), prompt_options or {}
+    c = model.get_learned_conditioning(prompts, **options)
+    if not with_uncond:
+        return c, None
+    uc = model.get_learned_conditioning(len(prompts) * [negative_prompt or ""], **options)
+    if isinstance(c, torch.Tensor) and c.ndim == 3 and c.shape[1] != uc.shape[1]:
+        c, uc = pad_to_same_length(c, uc, model.get_learned_conditioning([""], **options))
     return c, uc
 
 
-def _require(model, attribute, family):
-    if not hasattr(model, attribute):
-        raise UserError(f"{type(model).__name__} is not a {family} model; load a {family} checkpoint and config")
+def _require(model, family, label):
+    from ldm.models.diffusion.families import model_family
+    if model_family(model) != family:
+        raise UserError(f"{type(model).__name__} is not {label} model; load {label} checkpoint and config")
 
 
 @torch.no_grad()
-def inpaint_conditioning(model, image, mask, prompts, negative_prompt=""):
+def inpaint_conditioning(model, image, mask, prompts, negative_prompt="", prompt_options=None):
     """Inpainting: the mask (1 = repaint, binarised at 0.5) and the image with the masked area zeroed."""
-    _require(model, "masked_image_key", "inpainting")
+    _require(model, "inpainting", "an inpainting")
     prompts = _prompts(prompts)
     device = model_device(model)
     image = as_image_batch(image, len(prompts)).to(device)
@@ -121,20 +132,20 @@ def inpaint_conditioning(model, image, mask, prompts, negative_prompt=""):
     masked_image = image * (mask < 0.5)
     images = {key: mask for key in model.concat_keys}
     images[model.masked_image_key] = masked_image
-    c, uc = text_conditioning(model, prompts, negative_prompt)
+    c, uc = text_conditioning(model, prompts, negative_prompt, prompt_options)
     c_cat = model.concat_conditioning(images, latent_size)
     return Conditioning({"c_concat": [c_cat], "c_crossattn": [c]}, {"c_concat": [c_cat], "c_crossattn": [uc]},
                         (model.channels, *latent_size), {"mask": mask, "masked_image": masked_image})
 
 
 @torch.no_grad()
-def depth_conditioning(model, prompts, image=None, depth=None, negative_prompt="", size=None):
+def depth_conditioning(model, prompts, image=None, depth=None, negative_prompt="", size=None, prompt_options=None):
     """Depth-to-image: MiDaS depth of ``image``, or the given ``depth`` map [B|1, 1, H, W] (larger = nearer).
 
     The latent size follows ``image`` (or ``size`` = (height, width) in pixels when only a depth map
     is given). ``extras["depth"]`` is the depth before resizing, for display.
     """
-    _require(model, "depth_model", "depth-to-image")
+    _require(model, "depth", "a depth-to-image")
     from ldm.modules.midas.api import midas_input
     prompts = _prompts(prompts)
     device = model_device(model)
@@ -153,7 +164,7 @@ def depth_conditioning(model, prompts, image=None, depth=None, negative_prompt="
         depth = _repeat_to(depth, len(prompts), "depth map").to(device)
     else:
         depth = model.estimate_depth(midas_input(image, model.depth_model.model_type))
-    c, uc = text_conditioning(model, prompts, negative_prompt)
+    c, uc = text_conditioning(model, prompts, negative_prompt, prompt_options)
     # the official scripts normalise without the training code's 1e-3 in the denominator
     c_cat = model.concat_conditioning({"depth": depth}, latent_size, eps=0.0)
     return Conditioning({"c_concat": [c_cat], "c_crossattn": [c]}, {"c_concat": [c_cat], "c_crossattn": [uc]},
@@ -161,12 +172,12 @@ def depth_conditioning(model, prompts, image=None, depth=None, negative_prompt="
 
 
 @torch.no_grad()
-def upscale_conditioning(model, low_res, prompts, noise_level, negative_prompt=""):
+def upscale_conditioning(model, low_res, prompts, noise_level, negative_prompt="", prompt_options=None):
     """x4 upscaling: the low-res image noised to ``noise_level`` (also the U-Net's class label).
 
     The latent has the low-res image's size; the decoded result is 4x larger.
     """
-    _require(model, "low_scale_model", "upscaling")
+    _require(model, "upscaling", "an upscaling")
     prompts = _prompts(prompts)
     device = model_device(model)
     low_res = as_image_batch(low_res, len(prompts), "low-res image").to(device)
@@ -174,7 +185,7 @@ def upscale_conditioning(model, low_res, prompts, noise_level, negative_prompt="
     m = unet_multiple(model)
     if latent_size[0] % m or latent_size[1] % m:
         raise UserError(f"low-res image is {latent_size[1]}x{latent_size[0]}; its sides must be multiples of {m}")
-    c, uc = text_conditioning(model, prompts, negative_prompt)
+    c, uc = text_conditioning(model, prompts, negative_prompt, prompt_options)
     noised, levels = model.low_res_conditioning(low_res, noise_level)
     return Conditioning({"c_concat": [noised], "c_crossattn": [c], "c_adm": levels},
                         {"c_concat": [noised], "c_crossattn": [uc], "c_adm": levels},
@@ -183,10 +194,10 @@ def upscale_conditioning(model, low_res, prompts, noise_level, negative_prompt="
 
 @torch.no_grad()
 def unclip_conditioning(model, prompts, image=None, embedding=None, noise_level=0, negative_prompt="",
-                        size=None):
+                        size=None, prompt_options=None):
     """Stable unCLIP: the CLIP embedding of ``image`` (or a given ``embedding`` [B|1, D]), noised to
     ``noise_level``. ``size`` = (height, width) in pixels, default the model's native size."""
-    _require(model, "embedder", "unCLIP")
+    _require(model, "unclip", "an unCLIP")
     prompts = _prompts(prompts)
     device = model_device(model)
     if (image is None) == (embedding is None):
@@ -199,7 +210,7 @@ def unclip_conditioning(model, prompts, image=None, embedding=None, noise_level=
     if size is None:
         size = (model.image_size * vae_factor(model),) * 2
     latent_size = latent_size_of(model, *size, what="the requested size")
-    c, uc = text_conditioning(model, prompts, negative_prompt)
+    c, uc = text_conditioning(model, prompts, negative_prompt, prompt_options)
     adm = model.adm_conditioning(embedding, noise_level=noise_level)
     return Conditioning({"c_crossattn": [c], "c_adm": adm}, {"c_crossattn": [uc], "c_adm": torch.zeros_like(adm)},
                         (model.channels, *latent_size), {"embedding": embedding})

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.image_io import images_to_tensor, tensor_to_images
-from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler  # noqa: F401 (re-exported)
+from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler, schedule_for  # noqa: F401
 from ldm.models.diffusion.samplers import DISPLAY_NAMES, PARTIAL_SCHEDULE_SAMPLERS
 from ldm.models.diffusion.samplers import make_sampler as _make_sampler
 
@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 MAX_SEED = 2 ** 32 - 1
 
 
-def make_sampler(name, model):
-    """The sampler called ``name`` (see ``SAMPLERS``) for ``model``, on the model's device."""
-    return _make_sampler(name, model, device=model_device(model))
+def make_sampler(name, model, **schedule):
+    """The sampler called ``name`` (see ``SAMPLERS``) for ``model``, on the model's device;
+    ``schedule``/``sigmas`` for the samplers of the sigma formulation."""
+    return _make_sampler(name, model, device=model_device(model), **schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +87,9 @@ def batches(prompts, n_samples):
     return [prompts[i:i + n_samples] for i in range(0, len(prompts), n_samples)]
 
 
-def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter):
+def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter, schedule=None, sigmas=None):
     check_sampler(sampler)
+    schedule_for(sampler, schedule, sigmas)
     if not isinstance(steps, int) or not 1 <= steps <= model.num_timesteps:
         raise UserError(f"steps must be from 1 to {model.num_timesteps}, got {steps}")
     if n_samples < 1 or n_iter < 1:
@@ -97,12 +99,11 @@ def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter):
         raise UserError(f"guidance scale must be a finite number, got {scale}")
 
 
-def text_conditioning(model, prompts, negative_prompt, scale):
-    """(cond, uncond); uncond only when guidance is on (scale != 1), as officially."""
-    uc = None
-    if scale != 1.0:
-        uc = model.get_learned_conditioning(len(prompts) * [negative_prompt or ""])
-    return model.get_learned_conditioning(list(prompts)), uc
+def text_conditioning(model, prompts, sampling):
+    """(cond, uncond) of a batch's prompts; uncond only when guidance is on (scale != 1), as officially."""
+    from ldm.conditioning import text_conditioning as encode
+    return encode(model, list(prompts), sampling.negative_prompt, prompt_options(model, sampling),
+                  with_uncond=sampling.scale != 1.0)
 
 
 def _decode(model, z):
@@ -136,6 +137,8 @@ class Sampling:
     """
     negative_prompt: str = ""
     sampler: str = "ddim"
+    schedule: object = None     # a sigma schedule name (sigma samplers only; None = the sampler's own)
+    sigmas: object = None       # or the sigmas themselves ("14.6,7.0,..." or numbers)
     steps: int = 50
     scale: float = 7.5
     eta: float = 0.0
@@ -147,6 +150,26 @@ class Sampling:
     device: object = None
     progress: bool = True
     on_batch: object = None
+    # DDIM/PLMS timesteps: "leading" (official), "trailing" or "linspace"; None = the sampler's own
+    timestep_spacing: object = None
+    # CFG rescale (Lin et al. 2023): 0 = plain guidance, 0.7 as in the paper
+    guidance_rescale: float = 0.0
+    # how the text encoder reads prompts (A1111's defaults: emphasis weights, no 75-token cut)
+    emphasis: str = "original"
+    truncate: bool = False
+    clip_skip: object = None
+
+
+def prompt_options(model, sampling):
+    """The text-encoder options of ``sampling`` for ``model``; none for an encoder that reads no
+    prompt syntax (class labels, ...), which then refuses a clip skip."""
+    from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
+    if not isinstance(getattr(model, "cond_stage_model", None), ChunkedTextEncoder):
+        if sampling.clip_skip not in (None, 1):
+            raise UserError(f"clip skip needs a text encoder; this model's conditioning is "
+                            f"{type(getattr(model, 'cond_stage_model', None)).__name__}")
+        return {}
+    return dict(emphasis=sampling.emphasis, truncate=sampling.truncate, clip_skip=sampling.clip_skip)
 
 
 def run_generation(model, prompts, sampling, make_batch, setup=None):
@@ -157,10 +180,11 @@ def run_generation(model, prompts, sampling, make_batch, setup=None):
     batch's images, which go to ``on_batch`` and into the returned list (round, batch, sample).
     """
     check_settings(model, sampler=sampling.sampler, steps=sampling.steps, scale=sampling.scale,
-                   eta=sampling.eta, n_samples=sampling.n_samples, n_iter=sampling.n_iter)
+                   eta=sampling.eta, n_samples=sampling.n_samples, n_iter=sampling.n_iter,
+                   schedule=sampling.schedule, sigmas=sampling.sigmas)
     device = checked_device(model, sampling.device)
     data = batches(prompts, sampling.n_samples)
-    sampler = make_sampler(sampling.sampler, model)
+    sampler = make_sampler(sampling.sampler, model, schedule=sampling.schedule, sigmas=sampling.sigmas)
     seed_everything(sampling.seed)
     images = []
     with torch.no_grad(), precision_scope(device, sampling.precision, sampling.bf16), ema_weights(model):
@@ -178,8 +202,19 @@ def max_batch(prompts, n_samples):
     return max(len(b) for b in batches(prompts, n_samples))
 
 
+def _schedule_options(sampling):
+    """Sampler options that are passed only when set, so a sampler without them never sees them."""
+    options = {}
+    if sampling.timestep_spacing is not None:
+        options["timestep_spacing"] = sampling.timestep_spacing
+    if sampling.guidance_rescale:
+        options["guidance_rescale"] = sampling.guidance_rescale
+    return options
+
+
 def sample(sampler, sampling, cond, uncond, shape, **extra):
     """One guided sampling run of ``sampler`` from noise (``x_T`` and blending in ``extra``)."""
+    extra = {**_schedule_options(sampling), **extra}
     samples, _ = sampler.sample(S=sampling.steps, conditioning=cond, batch_size=shape[0],
                                 shape=list(shape[1:]), verbose=False, eta=sampling.eta,
                                 unconditional_guidance_scale=sampling.scale,
@@ -193,14 +228,19 @@ def sample_from_latent(sampler, sampling, init_latent, strength, cond, uncond):
     denoise the rest of the way: the img2img partial schedule."""
     steps, n = sampling.steps, init_latent.shape[0]
     uncond = uncond if sampling.scale != 1.0 else None
-    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=sampling.eta, verbose=False)
+    options = _schedule_options(sampling)
+    if sampling.sampler != "ddim":
+        return sampler.sample_img2img(steps, init_latent, strength, cond, unconditional_guidance_scale=sampling.scale,
+                                      unconditional_conditioning=uncond, progress=sampling.progress, **options)
+    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=sampling.eta, verbose=False,
+                          timestep_spacing=options.pop("timestep_spacing", None))
     t_enc = int(strength * steps)
     # the official script indexes past the schedule at strength 1.0 and crashes; noising to the
     # last DDIM step instead keeps every other strength as it was
     z_enc = sampler.stochastic_encode(init_latent, torch.tensor([min(t_enc, steps - 1)] * n,
                                                                 device=init_latent.device))
     return sampler.decode(z_enc, cond, t_enc, unconditional_guidance_scale=sampling.scale,
-                          unconditional_conditioning=uncond, progress=sampling.progress)
+                          unconditional_conditioning=uncond, progress=sampling.progress, **options)
 
 
 def encode_image(model, image, n):
@@ -235,7 +275,7 @@ def txt2img(model, prompts, *, H=None, W=None, fixed_code=False, **sampling):
         return None
 
     def make_batch(sampler, batch, start_code):
-        c, uc = text_conditioning(model, batch, sampling.negative_prompt, sampling.scale)
+        c, uc = text_conditioning(model, batch, sampling)
         x_T = None if start_code is None else start_code[:len(batch)]
         return _decode(model, sample(sampler, sampling, c, uc, [len(batch), *shape], x_T=x_T))
 
@@ -280,7 +320,7 @@ def img2img(model, init_image, prompts, *, strength=0.75, **sampling):
         return encode_image(model, init_image, max_batch(prompts, sampling.n_samples))
 
     def make_batch(sampler, batch, init_latent):
-        c, uc = text_conditioning(model, batch, sampling.negative_prompt, sampling.scale)
+        c, uc = text_conditioning(model, batch, sampling)
         return _decode(model, sample_from_latent(sampler, sampling, init_latent[:len(batch)], strength, c, uc))
 
     return run_generation(model, prompts, sampling, make_batch, setup)

@@ -22,8 +22,9 @@ from PIL import Image
 from ldm.conditioning import (depth_conditioning, inpaint_conditioning, latent_size_of, unclip_conditioning,
                               unet_multiple, upscale_conditioning, vae_factor)
 from ldm.errors import UserError
+from ldm.models.diffusion.families import model_family
 from ldm.generate import (Sampling, check_strength, encode_image, max_batch, model_device, native_size,
-                          run_generation, sample, sample_from_latent, text_conditioning)
+                          prompt_options, run_generation, sample, sample_from_latent, text_conditioning)
 from ldm.image_io import images_to_tensor, tensor_to_images
 
 log = logging.getLogger(__name__)
@@ -31,22 +32,6 @@ log = logging.getLogger(__name__)
 FAMILY_NAMES = {"inpainting": "an inpainting", "depth": "a depth-to-image", "upscaling": "an x4 upscaling",
                 "unclip": "a stable unCLIP", "txt2img": "a text-to-image"}
 OUTPAINT_MULTIPLE = 8
-
-
-def _family_classes():
-    # imported here: the model classes pull in Lightning, which the image helpers below do not need
-    from ldm.models.diffusion.ddpm import (ImageEmbeddingConditionedLatentDiffusion, LatentDepth2ImageDiffusion,
-                                           LatentInpaintDiffusion, LatentUpscaleDiffusion)
-    return (("inpainting", LatentInpaintDiffusion), ("depth", LatentDepth2ImageDiffusion),
-            ("upscaling", LatentUpscaleDiffusion), ("unclip", ImageEmbeddingConditionedLatentDiffusion))
-
-
-def model_family(model):
-    """"inpainting", "depth", "upscaling", "unclip" or "txt2img", from the model's class."""
-    for family, cls in _family_classes():
-        if isinstance(model, cls):
-            return family
-    return "txt2img"
 
 
 def require_family(model, *families):
@@ -172,7 +157,8 @@ def inpaint(model, image, mask, prompts, **sampling):
         n = len(batch)
         x_T = _start_code(rng, n, shape, model_device(model))
         if family == "inpainting":
-            cond = inpaint_conditioning(model, padded_image, padded_mask, batch, sampling.negative_prompt)
+            cond = inpaint_conditioning(model, padded_image, padded_mask, batch, sampling.negative_prompt,
+                                        prompt_options(model, sampling))
             pixels = _pixels(model, sample(sampler, sampling, cond.cond, cond.uncond, [n, *shape], x_T=x_T))
             batch_images = tensor_to_images(pixels)
         else:
@@ -189,7 +175,7 @@ def _blend_inpaint(model, sampler, sampling, image, repaint, prompts, x_T):
     """Decoded samples [B, 3, H, W] of a text-to-image model that keeps the known latent region at
     every step; ``repaint`` [1, 1, H, W] is 1 where to repaint."""
     n = len(prompts)
-    c, uc = text_conditioning(model, prompts, sampling.negative_prompt, sampling.scale)
+    c, uc = text_conditioning(model, prompts, sampling)
     x0 = encode_image(model, image, n)
     # a latent pixel is repainted when any pixel under it is: the known region never leaks into the hole
     keep = 1.0 - F.max_pool2d(repaint, kernel_size=vae_factor(model))
@@ -254,7 +240,8 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, on_de
         return encode_image(model, padded, max_batch(prompts, sampling.n_samples))
 
     def make_batch(sampler, batch, init_latent):
-        cond = depth_conditioning(model, batch, image=padded, depth=depth, negative_prompt=sampling.negative_prompt)
+        cond = depth_conditioning(model, batch, image=padded, depth=depth, negative_prompt=sampling.negative_prompt,
+                                  prompt_options=prompt_options(model, sampling))
         samples = sample_from_latent(sampler, sampling, init_latent[:len(batch)], strength, cond.cond, cond.uncond)
         return _crop(tensor_to_images(_pixels(model, samples)), init_image.size)
 
@@ -350,7 +337,8 @@ def upscale(model, low_res, prompts="", *, noise_level=20, tile=128, tile_overla
 
     def make_batch(sampler, batch, _):
         n = len(batch)
-        cond = upscale_conditioning(model, padded, batch, noise_level, sampling.negative_prompt)
+        cond = upscale_conditioning(model, padded, batch, noise_level, sampling.negative_prompt,
+                                    prompt_options(model, sampling))
         x_T = _start_code(rng, n, cond.shape, model_device(model))
         out = torch.zeros(n, 3, H * f, W * f)
         for low, high in tiles:
@@ -424,7 +412,8 @@ def unclip_variations(model, prompts="", *, image=None, embedding=None, noise_le
     def make_batch(sampler, batch, embedded):
         n = len(batch)
         cond = unclip_conditioning(model, batch, embedding=embedded[:n] if len(embedded) > 1 else embedded,
-                                   noise_level=noise_level, negative_prompt=sampling.negative_prompt, size=(H, W))
+                                   noise_level=noise_level, negative_prompt=sampling.negative_prompt, size=(H, W),
+                                   prompt_options=prompt_options(model, sampling))
         samples = sample(sampler, sampling, cond.cond, cond.uncond, [n, model.channels, *latent_size])
         return tensor_to_images(_pixels(model, samples))
 

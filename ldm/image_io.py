@@ -24,8 +24,9 @@ GRID_PATTERN = re.compile(r"^grid-(\d{4})\.png$")
 WATERMARK = b"SDV2"
 # (label in the text chunk, key in the parameters dict), in the order written
 # (labels as the popular web UIs write them, so their readers parse ours)
-PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("CFG scale", "scale"),
-                    ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"), ("Eta", "eta"),
+PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule"), ("CFG scale", "scale"),
+                    ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"), ("Clip skip", "clip_skip"),
+                    ("Eta", "eta"), ("Timestep spacing", "spacing"), ("CFG Rescale phi", "guidance_rescale"),
                     ("Denoising strength", "strength"), ("Noise level", "noise_level"))
 
 

@@ -246,8 +246,11 @@ def test_default_model_is_used_when_present(monkeypatch, tmp_path, tiny_files):
 
 
 def test_ckpt_without_config_lists_configs(tiny_files, tmp_path):
-    with pytest.raises(UserError, match="tiny-ldm.ckpt' needs a config too.*v2-inference.yaml"):
-        load_model(ckpt_path=tiny_files.ckpt)
+    alone = tmp_path / "tiny-ldm.ckpt"  # the fixture's folder has tiny-ldm.yaml beside it
+    alone.write_bytes(tiny_files.ckpt.read_bytes())
+    with pytest.raises(UserError, match="tiny-ldm.ckpt' needs a config too: give one, or put it beside the "
+                                        "checkpoint as 'tiny-ldm.yaml'.*v2-inference.yaml"):
+        load_model(ckpt_path=alone)
     save_file(with_in_channels(tiny_files.state_dict, 9), tmp_path / "inpaint.safetensors")
     with pytest.raises(UserError, match=r"needs a config too \(use the config "
                                         r"configs/stable-diffusion/v2-inpainting"):

@@ -148,3 +148,95 @@ def test_grid_parameters_name_the_prompts_it_shows(scripts, tiny_files, tmp_path
     grid = read_parameters(out / "grid-0000.png")
     assert grid["prompt"] == "a red circle\na blue square"
     assert grid["steps"] == "1" and grid["size"] == "16x16"
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers and schedules by the web UIs' names, recorded as A1111 records them
+
+@pytest.mark.parametrize("text, expected", [
+    ("DDIM", ("ddim", None)), ("euler A", ("euler_ancestral", None)), ("k_euler_a", ("euler_ancestral", None)),
+    ("dpm++ 2m", ("dpmpp_2m", None)), ("DPM++ 2M Karras", ("dpmpp_2m", "karras")),
+    ("dpmpp_2m_sde", ("dpmpp_2m_sde", None)), ("DPM++ 2M SDE Exponential", ("dpmpp_2m_sde", "exponential")),
+    ("DPM2 a", ("dpm_2_ancestral", None)), ("UniPC", ("unipc_bh1", None)), ("lcm", ("lcm", None)),
+])
+def test_sampler_names_resolve_case_insensitively(text, expected):
+    from ldm.models.diffusion.samplers import resolve_sampler
+    assert resolve_sampler(text) == expected
+
+
+def test_schedule_names_resolve():
+    from ldm.models.diffusion.samplers import resolve_schedule
+    assert [resolve_schedule(t) for t in ("Karras", "align your steps", "Uniform", "automatic", "beta")] == \
+        ["karras", "align_your_steps", "normal", "automatic", "beta"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sampler", "Euler b"], "unknown sampler 'Euler b'"),
+    (["--sampler", "DDIM", "--schedule", "Karras"], "walks the model's own timesteps"),
+    (["--plms", "--sigmas", "3,1"], "walks the model's own timesteps"),
+    (["--sampler", "Euler", "--schedule", "Karras", "--sigmas", "3,1"], "either --schedule or --sigmas"),
+    (["--sampler", "Euler", "--sigmas", "1,3"], "--sigmas: sigmas must be strictly descending"),
+    (["--sampler", "Euler", "--schedule", "Fast"], "unknown schedule 'Fast'"),
+    (["--sampler", "Euler", "--plms"], "not allowed with argument"),
+])
+def test_impossible_sampler_settings_are_one_line(scripts, tmp_path, capsys, flags, message):
+    assert scripts.load("txt2img").main([*flags, "--outdir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_img2img_refuses_samplers_without_partial_schedules(scripts, tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes(b"")
+    assert scripts.load("img2img").main(["--init-img", str(tmp_path / "x.png"), "--sampler", "PLMS",
+                                         "--outdir", str(tmp_path / "o")]) == 2
+    assert "--sampler PLMS does not work here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, sampler, schedule", [
+    (["--sampler", "dpm++ 2m", "--schedule", "karras"], "DPM++ 2M", "Karras"),
+    (["--sampler", "DPM++ 2M SDE"], "DPM++ 2M SDE", "Exponential"),
+    (["--sampler", "Euler a", "--sigmas", "8,2,0.5"], "Euler a", "Custom sigmas"),
+    (["--plms"], "PLMS", None),
+])
+def test_png_records_sampler_and_schedule_as_a1111_does(scripts, tiny_files, tmp_path, flags, sampler, schedule):
+    from PIL import Image
+    out = tmp_path / "out"
+    assert scripts.load("txt2img").main([*scripts.model_flags(tiny_files), *flags, "--steps", "3", "--n_samples",
+                                         "1", "--outdir", str(out), "--skip_grid"]) == 0
+    with Image.open(out / "samples" / "00000.png") as image:
+        text = image.text["parameters"]
+    expected = f"Sampler: {sampler}" + (f", Schedule type: {schedule}" if schedule else "")
+    assert expected + ", CFG scale: " in text
+    params = read_parameters(out / "samples" / "00000.png")
+    assert params["sampler"] == sampler and params.get("schedule") == schedule
+
+
+def test_spacing_and_cfg_rescale_reach_the_sampler_and_the_png(scripts, tiny_files, tmp_path, monkeypatch):
+    from ldm.models.diffusion.ddim import DDIMSampler
+    seen = {}
+    original = DDIMSampler.sample
+
+    def recording(self, *args, **kwargs):
+        seen.update(spacing=kwargs.get("timestep_spacing"), rescale=kwargs.get("guidance_rescale"))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(DDIMSampler, "sample", recording)
+    out = tmp_path / "out"
+    assert scripts.load("txt2img").main([*scripts.model_flags(tiny_files), "--spacing", "trailing",
+                                         "--guidance-rescale", "0.7", "--steps", "2", "--n_samples", "1",
+                                         "--outdir", str(out), "--skip_grid"]) == 0
+    assert seen == {"spacing": "trailing", "rescale": 0.7}
+    params = read_parameters(out / "samples" / "00000.png")
+    assert params["spacing"] == "trailing" and params["guidance_rescale"] == "0.7"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sampler", "Euler", "--spacing", "trailing"], "--spacing sets DDIM/PLMS timesteps"),
+    (["--guidance-rescale", "1.5"], "--guidance-rescale must be from 0.0 to 1.0"),
+    (["--clip-skip", "0"], "--clip-skip must be 1 or more"),
+    (["--emphasis", "loud"], "invalid choice"),
+])
+def test_impossible_prompt_and_schedule_flags(scripts, tmp_path, capsys, flags, message):
+    assert scripts.load("txt2img").main([*flags, "--outdir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -139,3 +139,33 @@ def test_img2img_impossible_settings(tiny_model, kwargs, message):
 def test_img2img_init_too_small(tiny_model):
     with pytest.raises(UserError, match="at least 64x64"):
         img2img(tiny_model, init_image(63, 128), "x", **FAST)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts as the web UIs read them
+
+def _arrays(images):
+    return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def test_long_prompts_are_encoded_in_chunks_not_cut(tiny_model):
+    settings = dict(steps=2, n_samples=1, seed=3, progress=False)
+    long, first_75 = " ".join(["cat"] * 100), " ".join(["cat"] * 75)
+    cut = _arrays(txt2img(tiny_model, first_75, **settings))
+    assert all((a == b).all() for a, b in zip(_arrays(txt2img(tiny_model, long, truncate=True, **settings)), cut))
+    assert any((a != b).any() for a, b in zip(_arrays(txt2img(tiny_model, long, **settings)), cut))
+
+
+def test_long_prompt_against_a_short_negative_prompt_is_padded(tiny_model):
+    from ldm.generate import Sampling, text_conditioning
+    c, uc = text_conditioning(tiny_model, [" ".join(["cat"] * 100)], Sampling(negative_prompt="dog"))
+    assert c.shape[1] == uc.shape[1] == 154
+
+
+def test_emphasis_changes_the_image_and_none_reads_brackets_as_text(tiny_model):
+    settings = dict(steps=2, n_samples=1, seed=3, progress=False)
+    weighted = _arrays(txt2img(tiny_model, "a (cat:1.6)", **settings))
+    literal = _arrays(txt2img(tiny_model, "a (cat:1.6)", emphasis="none", **settings))
+    plain = _arrays(txt2img(tiny_model, "a cat", **settings))
+    assert any((a != b).any() for a, b in zip(weighted, literal))
+    assert any((a != b).any() for a, b in zip(weighted, plain))

@@ -119,8 +119,8 @@ def test_blend_inpaint_latent_mask_covers_every_repainted_pixel(tiny_model, monk
     seen = {}
     original = generation.make_sampler
 
-    def spy(name, model):
-        sampler = original(name, model)
+    def spy(name, model, **schedule):
+        sampler = original(name, model, **schedule)
         sample = sampler.sample
 
         def recording(*args, mask=None, x0=None, **kwargs):
@@ -201,7 +201,7 @@ def test_upscale_blends_tiles_back_into_place(upscale_model, monkeypatch):
             assert conditioning["c_concat"][0].shape[-2:] == x_T.shape[-2:] == tuple(shape[1:])
             return x_T, None
 
-    monkeypatch.setattr(generation, "make_sampler", lambda name, model: Echo())
+    monkeypatch.setattr(generation, "make_sampler", lambda name, model, **schedule: Echo())
     monkeypatch.setattr(gv, "_pixels", lambda model, z: F.interpolate(z[:, :3], scale_factor=2).clamp(0, 1))
     out = gv.upscale(upscale_model, rgb(14, 10), "a", tile=6, tile_overlap=2, seed=3, **STEPS)
     noise = torch.from_numpy(np.random.RandomState(3).randn(1, 4, 10, 14)).float()

@@ -15,24 +15,23 @@ def make_generate(model, args):
     from ldm.generate import txt2img
 
     @page_handler(args)
-    def generate(settings, sampler, H, W):
-        return txt2img(model, sampler=sampler, H=int(H), W=int(W), **settings)
+    def generate(settings, H, W):
+        return txt2img(model, H=int(H), W=int(W), **settings)
     return generate
 
 
 def build(args, model):
-    from ldm.generate import SAMPLERS, native_size
+    from ldm.generate import native_size
     from ldm.generate_variants import size_multiple
     height, width = native_size(model)
     multiple = size_multiple(model)
 
     def inputs(gr):
         controls = sampling_controls(gr, model, args)
-        with gr.Accordion("Sampler and size", open=False):
-            sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+        with gr.Accordion("Size", open=False):
             size = [gr.Slider(multiple, max(4 * side, 1024), value=side, step=multiple, label=label)
                     for label, side in (("Height", height), ("Width", width))]
-        return [*controls, sampler, *size]
+        return [*controls, *size]
     return demo_page("Text to image", "", inputs, result_gallery, make_generate(model, args))
 
 

@@ -18,7 +18,7 @@ from ldm.generate import MAX_SEED
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 # The values of sampling_controls(), in order, as settings() takes them.
-SAMPLING_INPUTS = ("prompt", "negative_prompt", "steps", "scale", "seed", "n_samples")
+SAMPLING_INPUTS = ("prompt", "negative_prompt", "steps", "scale", "seed", "n_samples", "sampler", "schedule")
 
 
 def import_gradio():
@@ -64,8 +64,10 @@ def model_defaults(args):
     return SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
 
 
-def sampling_controls(gr, model, args, scale=None, prompt=None):
-    """Prompt, negative prompt, steps, guidance scale, seed and number of images, in that order."""
+def sampling_controls(gr, model, args, scale=None, prompt=None, samplers=None):
+    """Prompt, negative prompt, steps, guidance scale, seed, number of images, sampler and schedule
+    type (A1111's names), in that order. ``samplers``: the sampler ids offered (default all)."""
+    from ldm.models.diffusion.samplers import DISPLAY_NAMES, SAMPLERS, SCHEDULE_LABELS
     defaults = model_defaults(args)
     controls = [gr.Textbox(label="Prompt", value=defaults["prompt"] if prompt is None else prompt, lines=2),
                 gr.Textbox(label="Negative prompt", value="")]
@@ -76,6 +78,8 @@ def sampling_controls(gr, model, args, scale=None, prompt=None):
                       label="Guidance scale"),
             gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
             gr.Slider(1, 4, value=1, step=1, label="Images"),
+            gr.Dropdown([DISPLAY_NAMES[n] for n in (samplers or SAMPLERS)], value="DDIM", label="Sampler"),
+            gr.Dropdown(["Automatic", *SCHEDULE_LABELS.values()], value="Automatic", label="Schedule type"),
         ]
     return controls
 
@@ -110,12 +114,17 @@ def require_image(image, hint=""):
         raise UserError(f"upload an image first{hint}")
 
 
-def settings(prompt, negative_prompt, steps, scale, seed, n_samples):
+def settings(prompt, negative_prompt, steps, scale, seed, n_samples, sampler="DDIM", schedule="Automatic"):
     """The values of :func:`sampling_controls` as library keyword arguments."""
+    from ldm.models.diffusion.samplers import AUTOMATIC, resolve_sampler, resolve_schedule
     if seed is None:
         raise UserError("enter a seed (a whole number)")
+    sampler, combined = resolve_sampler(sampler or "DDIM")
+    schedule = resolve_schedule(schedule or "Automatic")
+    schedule = combined if schedule == AUTOMATIC else schedule
     return dict(prompts=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps), scale=float(scale),
-                seed=int(seed), n_samples=int(n_samples))
+                seed=int(seed), n_samples=int(n_samples), sampler=sampler,
+                schedule=None if schedule in (None, AUTOMATIC) else schedule)
 
 
 def shown_in_page(fn):

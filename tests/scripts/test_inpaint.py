@@ -53,7 +53,7 @@ def test_inpainting_model_and_outpaint(scripts, inpaint_files, tmp_path, inputs,
     assert "rounded up to multiples of 8: 0,8,8,0" in caplog.text
     with Image.open(out / "samples" / "00000.png") as result:
         assert result.size == (28, 20)
-    assert read_parameters(out / "samples" / "00000.png")["sampler"] == "dpm"
+    assert read_parameters(out / "samples" / "00000.png")["sampler"] == "DPM-Solver++"
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -17,7 +17,7 @@ def test_txt2img_subprocess_writes_samples_and_grid(scripts, tiny_files, tmp_pat
     assert str(out) in result.stdout
     params = read_parameters(out / "samples" / "00000.png")
     assert params["prompt"] == "a red circle"
-    assert params["seed"] == "5" and params["steps"] == "4" and params["sampler"] == "ddim"
+    assert params["seed"] == "5" and params["steps"] == "4" and params["sampler"] == "DDIM"
     assert params["size"] == "16x16" and params["model_hash"] == file_hash(tiny_files.ckpt)
     with Image.open(out / "samples" / "00000.png") as image:
         assert image.size == (16, 16)
@@ -104,6 +104,19 @@ def test_config_that_does_not_fit(scripts, tiny, tiny_files, tmp_path, capsys):
 
 def test_ckpt_without_config(scripts, tiny_files, tmp_path, capsys):
     txt2img = scripts.load("txt2img")
-    assert txt2img.main(["--ckpt", str(tiny_files.ckpt), "--device", "cpu"]) == 2
+    alone = tmp_path / "alone.ckpt"
+    alone.write_bytes(tiny_files.ckpt.read_bytes())
+    assert txt2img.main(["--ckpt", str(alone), "--device", "cpu", "--outdir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "needs a config too" in err[0]
+    assert len(err) == 1 and "needs a config too" in err[0] and "alone.yaml" in err[0]
+
+
+def test_config_beside_the_checkpoint_is_used(scripts, tiny_files, tmp_path, capsys):
+    # the community convention: <name>.yaml next to <name>.ckpt stands for --config
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(tiny_files.ckpt.read_bytes())
+    (tmp_path / "model.yaml").write_text(tiny_files.config.read_text())
+    out = tmp_path / "o"
+    assert scripts.load("txt2img").main(["--ckpt", str(ckpt), "--device", "cpu", "--steps", "1", "--n_samples", "1",
+                                         "--outdir", str(out)]) == 0
+    assert (out / "samples" / "00000.png").is_file()

@@ -116,11 +116,12 @@ def rgb(w, h):
     return Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype(np.uint8))
 
 
-SETTINGS = ("a red circle", "", 2, 3.0, 7, 1)   # prompt, negative, steps, scale, seed, images
+SETTINGS = ("a red circle", "", 2, 3.0, 7, 1, "DDIM", "Automatic")   # prompt, negative, steps, scale, seed, images,
+#                                                                   sampler, schedule type
 
 
 def test_txt2img_and_img2img_pages(monkeypatch, tiny_model):
-    for name, extra, size in (("txt2img", ("ddim", 16, 24), (24, 16)), ("img2img", (rgb(64, 64), 0.5), (64, 64))):
+    for name, extra, size in (("txt2img", (16, 24), (24, 16)), ("img2img", (rgb(64, 64), 0.5), (64, 64))):
         demo = load_demo(name, monkeypatch)
         args = demo_args(demo)
         assert isinstance(demo.build(args, model=tiny_model), gr.Blocks)

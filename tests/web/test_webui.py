@@ -10,7 +10,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[web]')")
 
 GRADIO_DEMOS = Path(__file__).resolve().parents[2] / "scripts" / "gradio"
-CONTROLS = ("a red circle", "blurry", 2.0, 3.0, 7.0, 1.0)   # as Gradio's number widgets give them
+CONTROLS = ("a red circle", "blurry", 2.0, 3.0, 7.0, 1.0, "dpm++ 2m", "Karras")   # as Gradio's widgets give them
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_handler_signature_and_call(webui, args):
     images = generate(*CONTROLS, "the image", 0.5, params["progress"].default)   # Gradio adds the tracker last
     assert [im.size for im in images] == [(8, 8)]
     assert calls == [(dict(prompts="a red circle", negative_prompt="blurry", steps=2, scale=3.0, seed=7,
-                           n_samples=1), "the image", 0.5)]
+                           n_samples=1, sampler="dpmpp_2m", schedule="karras"), "the image", 0.5)]
     assert generate(*CONTROLS, "again", 0.25) and calls[-1][1:] == ("again", 0.25)   # as the tests call it
 
 

@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm.errors import UserError
+from ldm.models.diffusion import schedule
 from ldm.models.diffusion.guidance import GuidedModel
 from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
@@ -36,6 +38,10 @@ class DDIMSampler:
     sigma_t  eta-scaled posterior std (``ddim_sigmas``)
     z        fresh N(0, I) noise, drawn every step, even at eta = 0 (the official RNG order)
     ======== ===============================================
+
+    ``timestep_spacing`` picks the steps (see ``make_ddim_timesteps``): "leading" is the official
+    choice, "trailing" starts at the last timestep, as a zero-terminal-SNR model needs (Lin et al.
+    2023); there a = 0 and x0_hat comes from the v-model directly (an eps-model is refused).
     """
 
     def __init__(self, model, schedule="linear", device=None, **kwargs):
@@ -49,11 +55,21 @@ class DDIMSampler:
             attr = attr.to(self.device)
         setattr(self, name, attr)
 
-    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
-        self.ddim_timesteps = make_ddim_timesteps(ddim_discr_method=ddim_discretize, num_ddim_timesteps=ddim_num_steps,
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True,
+                      timestep_spacing=None):
+        """The DDIM coefficients for ``ddim_num_steps`` steps. ``timestep_spacing`` ("leading",
+        "trailing" or "linspace", diffusers' names) or the official ``ddim_discretize`` ("uniform",
+        the same as "leading", or "quad") chooses the timesteps."""
+        if timestep_spacing is not None and ddim_discretize != "uniform":
+            raise UserError(f"give timestep_spacing or ddim_discretize, not both (got {timestep_spacing!r} "
+                            f"and {ddim_discretize!r})")
+        spacing = ddim_discretize if timestep_spacing is None else timestep_spacing
+        self.ddim_timesteps = make_ddim_timesteps(ddim_discr_method=spacing, num_ddim_timesteps=ddim_num_steps,
                                                   num_ddpm_timesteps=self.ddpm_num_timesteps, verbose=verbose)
         alphas_cumprod = self.model.alphas_cumprod.detach().float()
         assert alphas_cumprod.shape[0] == self.ddpm_num_timesteps, "alphas have to be defined for each timestep"
+        schedule.check_prediction_at_zero_snr(self.model.parameterization, alphas_cumprod, self.ddim_timesteps,
+                                              type(self).__name__, spacing)
         to_float = lambda x: torch.as_tensor(x).detach().to(torch.float32)  # noqa: E731
         ac = alphas_cumprod.cpu().double()
         self.register_buffer("betas", to_float(self.model.betas))
@@ -82,15 +98,19 @@ class DDIMSampler:
                img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
                score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
                unconditional_guidance_scale=1., unconditional_conditioning=None, dynamic_threshold=None,
-               ucg_schedule=None, progress=True, **kwargs):
-        """Sample ``batch_size`` latents of ``shape`` (C, H, W) in ``S`` steps; returns (samples, intermediates)."""
+               ucg_schedule=None, progress=True, timestep_spacing="leading", guidance_rescale=0., **kwargs):
+        """Sample ``batch_size`` latents of ``shape`` (C, H, W) in ``S`` steps; returns (samples, intermediates).
+
+        ``timestep_spacing``: "leading" (official), "trailing" or "linspace" (see make_schedule);
+        ``guidance_rescale``: phi of CFG rescale, 0 (plain CFG) to 1 (see guidance.rescale_guidance).
+        """
         if dynamic_threshold is not None or ucg_schedule is not None or quantize_x0:
             raise NotImplementedError("dynamic_threshold, ucg_schedule and quantize_x0 are not supported")
         _check_batch(conditioning, batch_size)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose, timestep_spacing=timestep_spacing)
         size = (batch_size, *shape)
         guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
-                             score_corrector, corrector_kwargs)
+                             score_corrector, corrector_kwargs, guidance_rescale=guidance_rescale)
         return self.ddim_sampling(guided, size, x_T=x_T, callback=callback, img_callback=img_callback, mask=mask,
                                   x0=x0, temperature=temperature, noise_dropout=noise_dropout,
                                   log_every_t=log_every_t, progress=progress)
@@ -139,10 +159,11 @@ class DDIMSampler:
     @torch.no_grad()
     def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,
                       temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
-                      unconditional_guidance_scale=1., unconditional_conditioning=None, dynamic_threshold=None):
+                      unconditional_guidance_scale=1., unconditional_conditioning=None, dynamic_threshold=None,
+                      guidance_rescale=0.):
         """One DDIM step from ``x`` at DDPM timestep ``t`` (the ``index``-th DDIM step); returns (x_prev, x0)."""
         guided = GuidedModel(self.model, c, unconditional_conditioning, unconditional_guidance_scale,
-                             score_corrector, corrector_kwargs)
+                             score_corrector, corrector_kwargs, guidance_rescale=guidance_rescale)
         return self._step(guided, x, t, index, repeat_noise=repeat_noise, use_original_steps=use_original_steps,
                           temperature=temperature, noise_dropout=noise_dropout)
 
@@ -185,13 +206,15 @@ class DDIMSampler:
 
     @torch.no_grad()
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               use_original_steps=False, callback=None, progress=True):
-        """Denoise ``x_latent`` from DDIM step index ``t_start`` down to 0 (img2img)."""
+               use_original_steps=False, callback=None, progress=True, guidance_rescale=0.):
+        """Denoise ``x_latent`` from DDIM step index ``t_start`` down to 0 (img2img), over the
+        timesteps of the last ``make_schedule`` (and its ``timestep_spacing``)."""
         timesteps = np.arange(self.ddpm_num_timesteps) if use_original_steps else self.ddim_timesteps
         timesteps = timesteps[:t_start]
         time_range = np.flip(timesteps)
         total_steps = timesteps.shape[0]
-        guided = GuidedModel(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+        guided = GuidedModel(self.model, cond, unconditional_conditioning, unconditional_guidance_scale,
+                             guidance_rescale=guidance_rescale)
         x_dec = x_latent
         for i, step in enumerate(tqdm(time_range, desc="Decoding image", total=total_steps, disable=not progress)):
             index = total_steps - i - 1

@@ -64,6 +64,10 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
 
     ``ckpt_path`` is loaded after the most-derived constructor has built every sub-model (see
     ldm/models/init_ckpt.py), so subclasses add sub-models without any loading code.
+
+    ``rescale_betas_zero_snr`` (default False) rescales the beta schedule to zero terminal SNR
+    (Lin et al. 2023, Algorithm 1: alpha_bar_T = 0, alpha_bar_1 unchanged); it needs a v- (or
+    x0-) model, and samplers must reach the last timestep (``timestep_spacing`` "trailing").
     """
 
     def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
@@ -72,11 +76,20 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
                  linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0., v_posterior=0.,
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
                  use_positional_encodings=False, learn_logvar=False, logvar_init=0., make_it_fit=False,
-                 ucg_training=None, reset_ema=False, reset_num_ema_updates=False, ema_decay=0.9999):
+                 ucg_training=None, reset_ema=False, reset_num_ema_updates=False, ema_decay=0.9999,
+                 rescale_betas_zero_snr=False):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise UserError(f"parameterization {parameterization!r} is not supported (use eps, x0 or v)")
+        if rescale_betas_zero_snr and parameterization == "eps":
+            # at alpha_bar_T = 0, x_T is the noise itself: predicting eps there is trivial and
+            # x0 = (x_T - eps) / 0 is undefined (Lin et al. 2023, sec. 3.2)
+            raise UserError("rescale_betas_zero_snr needs parameterization 'v' (or 'x0'): at zero terminal "
+                            "SNR an eps-prediction model cannot give x0 at the last timestep")
         self.parameterization = parameterization
+        # zero terminal SNR (Lin et al. 2023); the schedule buffers are derived from it, so loaders
+        # keep the model's own (see ldm.model_markers.derived_schedule_keys)
+        self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
         logger.info("%s: running in %s-prediction mode", self.__class__.__name__, parameterization)
         self.cond_stage_model = None
         self.clip_denoised = clip_denoised
@@ -138,6 +151,8 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end,
                                        cosine_s=cosine_s)
+        if self.rescale_betas_zero_snr:
+            betas = schedule.rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(len(betas))
         self.linear_start = linear_start
         self.linear_end = linear_end

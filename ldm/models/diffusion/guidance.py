@@ -4,10 +4,12 @@
 2022): out = uncond + scale * (cond - uncond), evaluated as one batch of 2B. The conditioning may
 be a tensor, a list of tensors, or a dict of lists (``c_concat`` / ``c_crossattn`` / ``c_adm``).
 ``eps_and_x0`` turns the raw output of an eps- or v-model into (eps, x0), so update rules never
-look at the parameterisation.
+look at the parameterisation. ``guidance_rescale`` (Lin et al. 2023) tempers the guided output's
+scale: see :func:`rescale_guidance`.
 """
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion import schedule
 
 
@@ -20,14 +22,34 @@ def _cat_conditioning(uncond, cond):
     return torch.cat([uncond, cond])
 
 
+def rescale_guidance(guided, cond, phi):
+    """CFG rescale (Lin et al. 2023, sec. 3.4, eq. 15-16), as diffusers' ``rescale_noise_cfg``.
+
+    The rescaled quantity is the model's raw output, whatever it predicts (eps, v or x0): the
+    guided output ``guided`` [B, ...] is scaled per sample to the standard deviation of the
+    conditional output ``cond`` [B, ...], then mixed back with weight ``phi``:
+
+        rescaled = guided * std(cond) / std(guided);   out = phi * rescaled + (1 - phi) * guided
+
+    phi = 0 is plain CFG; the paper uses 0.7 with its zero-terminal-SNR v-models.
+    """
+    dims = list(range(1, guided.ndim))  # std over everything but the batch
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
 class GuidedModel:
-    def __init__(self, model, cond, uncond=None, scale=1.0, score_corrector=None, corrector_kwargs=None):
+    def __init__(self, model, cond, uncond=None, scale=1.0, score_corrector=None, corrector_kwargs=None,
+                 guidance_rescale=0.0):
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise UserError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
         self.model = model
         self.cond = cond
         self.uncond = uncond
         self.scale = scale
         self.score_corrector = score_corrector
         self.corrector_kwargs = corrector_kwargs or {}
+        self.guidance_rescale = guidance_rescale
 
     @property
     def parameterization(self):
@@ -44,7 +66,10 @@ class GuidedModel:
         # [2B, ...]: unconditional half first
         out = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), _cat_conditioning(self.uncond, self.cond))
         out_uncond, out_cond = out.chunk(2)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+        guided = out_uncond + self.scale * (out_cond - out_uncond)
+        if self.guidance_rescale == 0:
+            return guided
+        return rescale_guidance(guided, out_cond, self.guidance_rescale)
 
     def eps_and_x0(self, x, t, a, s):
         """Evaluate the model and return (eps, x0); ``a``, ``s`` = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)."""

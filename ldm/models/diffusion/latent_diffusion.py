@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm_base import DDPM
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
 from ldm.modules.freeze import freeze_module
 from ldm.util import default, instantiate_from_config
 
@@ -79,11 +80,20 @@ class LatentDiffusion(DDPM):
             self.cond_stage_model = instantiate_from_config(config)
 
     # ------------------------------------------------------------------ first stage and conditioning
-    def get_learned_conditioning(self, c):
+    def get_learned_conditioning(self, c, **prompt_options):
+        """Conditioning encoder output for ``c``.
+
+        ``prompt_options`` (``emphasis``, ``clip_skip``, ``truncate``; None = the encoder's own setting) go
+        to text encoders that read A1111 prompt syntax (``ChunkedTextEncoder``); other encoders refuse them.
+        """
+        prompt_options = {name: value for name, value in prompt_options.items() if value is not None}
+        if prompt_options and not isinstance(self.cond_stage_model, ChunkedTextEncoder):
+            raise UserError(f"{type(self.cond_stage_model).__name__} takes no prompt options "
+                            f"({', '.join(sorted(prompt_options))}); only prompt text encoders do")
         if self.cond_stage_forward is not None:
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c, **prompt_options)
         if callable(getattr(self.cond_stage_model, "encode", None)):
-            c = self.cond_stage_model.encode(c)
+            c = self.cond_stage_model.encode(c, **prompt_options)
             if isinstance(c, DiagonalGaussianDistribution):
                 c = c.mode()
             return c

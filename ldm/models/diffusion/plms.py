@@ -24,24 +24,31 @@ class PLMSSampler(DDIMSampler):
     The first step has no history, so it takes a pseudo improved-Euler step: evaluate eps at x_t,
     take a trial DDIM step, evaluate eps there, and use the mean. Works in eps space, so v-models
     are converted to eps first (the official sampler skipped that and treated v as eps).
+
+    At zero terminal SNR (a = 0 at the last timestep, reached with ``timestep_spacing``
+    "trailing" or "linspace") x0 = (x_t - s eps) / a is undefined, so the step from there is a
+    plain DDIM step with the model's own x0 (v-models give it; eps-models are refused).
     """
 
-    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True,
+                      timestep_spacing=None):
         check_eta("plms", ddim_eta)
-        super().make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=ddim_eta, verbose=verbose)
+        super().make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=ddim_eta, verbose=verbose,
+                              timestep_spacing=timestep_spacing)
 
     @torch.no_grad()
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
                img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
                score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
                unconditional_guidance_scale=1., unconditional_conditioning=None, dynamic_threshold=None,
-               progress=True, **kwargs):
+               progress=True, timestep_spacing="leading", guidance_rescale=0., **kwargs):
+        """As ``DDIMSampler.sample`` (with the same ``timestep_spacing`` and ``guidance_rescale``), eta 0 only."""
         if dynamic_threshold is not None or quantize_x0:
             raise NotImplementedError("dynamic_threshold and quantize_x0 are not supported")
         _check_batch(conditioning, batch_size)
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose, timestep_spacing=timestep_spacing)
         guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
-                             score_corrector, corrector_kwargs)
+                             score_corrector, corrector_kwargs, guidance_rescale=guidance_rescale)
         return self.plms_sampling(guided, (batch_size, *shape), x_T=x_T, callback=callback,
                                   img_callback=img_callback, mask=mask, x0=x0, temperature=temperature,
                                   noise_dropout=noise_dropout, log_every_t=log_every_t, progress=progress)
@@ -71,7 +78,14 @@ class PLMSSampler(DDIMSampler):
     def _plms_step(self, guided, x, t, t_next, index, old_eps, temperature=1., noise_dropout=0.):
         """Returns (x_prev, x0_hat, eps at x_t); ``old_eps`` holds the eps of earlier steps, oldest first."""
         a_t, a_prev, sigma_t, s_t = self._coefficients(index)
-        e_t, _ = guided.eps_and_x0(x, t, a_t.sqrt(), s_t)
+        e_t, x0_t = guided.eps_and_x0(x, t, a_t.sqrt(), s_t)
+        if a_t == 0:
+            # zero terminal SNR: from pure noise no eps-space step exists (x0 from eps divides by
+            # a = 0), so take the first-order DDIM step with the model's own x0; e_t (= x_t for a
+            # v-model) starts the multistep history
+            x_prev, pred_x0 = self._update(x, e_t, x0_t, a_prev, sigma_t, temperature=temperature,
+                                           noise_dropout=noise_dropout)
+            return x_prev, pred_x0, e_t
 
         def ddim_update(eps):
             return self._update(x, eps, schedule.x0_from_eps(x, eps, a_t.sqrt(), s_t), a_prev, sigma_t,

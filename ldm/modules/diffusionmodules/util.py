@@ -52,24 +52,52 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
     return np.array(betas)
 
 
+# Timestep spacings of diffusers' schedulers (``timestep_spacing``); "leading" is the official one.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# the official names: "uniform" is "leading", "quad" its quadratic variant
+DDIM_DISCRETIZATIONS = ("uniform", "quad") + TIMESTEP_SPACINGS
+
+
 def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
     """The DDPM timesteps a DDIM run visits, ascending.
 
-    The official code adds 1 to every step so that the last one is 1 .. T-1 and the final
-    alpha_prev is alphas_cumprod[0]; checkpoints were tuned with this, so we keep it.
+    ``ddim_discr_method`` is an official discretisation or one of diffusers' timestep spacings
+    (Lin et al. 2023, table 2), for S steps over T training timesteps:
+
+    ========== ========================================= ==================================
+    uniform    arange(0, T, T // S) + 1                   official; the same as "leading"
+    leading    arange(0, S) * (T // S) + 1                diffusers with steps_offset=1 (SD)
+    trailing   round(T - arange(0, S) * T / S) - 1       always ends at T - 1
+    linspace   round(linspace(0, T - 1, S))              from 0 to T - 1
+    quad       int(linspace(0, sqrt(0.8 T), S) ** 2) + 1 official
+    ========== ========================================= ==================================
+
+    The official discretisations add 1 to every step so that the least noisy one is 1 (the
+    final alpha_prev is alphas_cumprod[0] whatever the spacing); checkpoints were tuned with
+    this, so "uniform"/"leading" keep the official numbers exactly. Only
+    "trailing" and "linspace" (from 2 steps) reach the last timestep T - 1, which a zero-terminal-SNR model
+    needs to start from pure noise (Lin et al. 2023, sec. 3.3).
     """
-    if ddim_discr_method == "uniform":
-        if num_ddim_timesteps > num_ddpm_timesteps or num_ddim_timesteps < 1:
-            raise UserError(f"steps must be between 1 and {num_ddpm_timesteps}, got {num_ddim_timesteps}")
+    if num_ddim_timesteps > num_ddpm_timesteps or num_ddim_timesteps < 1:
+        raise UserError(f"steps must be between 1 and {num_ddpm_timesteps}, got {num_ddim_timesteps}")
+    if ddim_discr_method in ("uniform", "leading"):
         stride = num_ddpm_timesteps // num_ddim_timesteps
         # When T is not a multiple of the step count the stride gives one step too many (the
         # official code then indexes past the schedule); keep exactly the requested number.
-        steps = np.arange(0, num_ddpm_timesteps, stride)[:num_ddim_timesteps]
+        steps_out = np.arange(0, num_ddpm_timesteps, stride)[:num_ddim_timesteps] + 1
     elif ddim_discr_method == "quad":
         steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
+        steps_out = steps + 1
+    elif ddim_discr_method == "trailing":
+        # diffusers writes arange(T, 0, -T / S), whose length can come out as S + 1 in floating
+        # point; counting the S steps explicitly gives the same values
+        ratio = num_ddpm_timesteps / num_ddim_timesteps
+        steps_out = np.round(num_ddpm_timesteps - np.arange(num_ddim_timesteps) * ratio).astype(np.int64)[::-1] - 1
+    elif ddim_discr_method == "linspace":
+        steps_out = np.linspace(0, num_ddpm_timesteps - 1, num_ddim_timesteps).round().astype(np.int64)
     else:
-        raise UserError(f"unknown DDIM discretisation '{ddim_discr_method}' (use uniform or quad)")
-    steps_out = steps + 1
+        raise UserError(f"unknown timestep spacing '{ddim_discr_method}' (use one of "
+                        f"{', '.join(DDIM_DISCRETIZATIONS)})")
     if verbose:
         print(f"Selected timesteps for ddim sampler: {steps_out}")
     return steps_out

@@ -4,7 +4,8 @@ import logging
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.encoders.base import AbstractEncoder, parameter_device
+from ldm.modules.encoders.base import parameter_device
+from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
 from ldm.modules.encoders.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, CLIPBPETokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,19 +39,25 @@ def clip_text_config(version, overrides=None):
     return CLIPTextConfig(**{**_SHARED_TEXT, **CLIP_TEXT_VERSIONS[version], **(overrides or {})})
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
-    """Prompts -> CLIP text features ``[B, max_length, hidden_size]`` (SD 1.x conditioning).
+class FrozenCLIPEmbedder(ChunkedTextEncoder):
+    """Prompts -> CLIP text features ``[B, 77 * chunks, hidden_size]`` (SD 1.x conditioning).
 
     ``layer``: "last" = final hidden states after the final LayerNorm; "pooled" = the end-token feature,
     ``[B, 1, hidden_size]``; "hidden" = ``hidden_states[layer_idx]`` (0 is the embedding output, no final
     LayerNorm). ``device`` is kept for config compatibility; inputs follow the weights' device.
     ``text_config`` overrides ``CLIPTextConfig`` fields (tests use it for tiny models).
+
+    ``emphasis``, ``truncate`` and ``clip_skip`` are the prompt options of ``ChunkedTextEncoder``. Clip skip
+    N, as in A1111: with layer "last", ``hidden_states[-N]`` through the final LayerNorm (N = 1 is the
+    last layer itself, N = 2 the penultimate, ...); with layer "hidden", ``N - 1`` layers before
+    ``layer_idx``. Layer "pooled" keeps the official behaviour: one feature per prompt from its first 75
+    tokens, emphasis syntax not parsed, and clip skip refused.
     """
 
     LAYERS = ("last", "pooled", "hidden")
 
     def __init__(self, version="openai/clip-vit-large-patch14", device="cuda", max_length=77, freeze=True,
-                 layer="last", layer_idx=None, text_config=None):
+                 layer="last", layer_idx=None, text_config=None, emphasis="none", clip_skip=1, truncate=True):
         super().__init__()
         from transformers import CLIPTextModel
 
@@ -70,23 +77,51 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
+        self.init_prompt_options(emphasis, clip_skip, truncate)
         if freeze:
             self.freeze()
 
-    def forward(self, text):
+    def forward(self, text, emphasis=None, clip_skip=None, truncate=None):
+        if self.layer != "pooled":
+            return super().forward(text, emphasis=emphasis, clip_skip=clip_skip, truncate=truncate)
+        self.prompt_options(emphasis, clip_skip, truncate)  # validates; clip skip is refused for "pooled"
         tokens = self.tokenizer(text).to(parameter_device(self.transformer))
+        return self._run(tokens, output_hidden_states=False).pooler_output[:, None, :]
+
+    def _run(self, tokens, output_hidden_states):
         # Explicit positions: the model's position_ids buffer is not saved in checkpoints, so it is
         # garbage when the model was built on the meta device and then loaded.
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        out = self.transformer(input_ids=tokens, position_ids=positions, output_hidden_states=self.layer == "hidden")
-        if self.layer == "last":
-            return out.last_hidden_state
-        if self.layer == "pooled":
-            return out.pooler_output[:, None, :]
-        return out.hidden_states[self.layer_idx]
+        return self.transformer(input_ids=tokens, position_ids=positions, output_hidden_states=output_hidden_states)
 
-    def encode(self, text):
-        return self(text)
+    def _hidden_state_index(self, clip_skip):
+        """Index into ``hidden_states`` (0 = embedding output) for layer "last"/"hidden" and ``clip_skip``."""
+        n_states = self.transformer.config.num_hidden_layers + 1
+        configured = n_states - 1 if self.layer == "last" else self.layer_idx % n_states
+        return configured - (clip_skip - 1)
+
+    def check_clip_skip(self, clip_skip):
+        if clip_skip == 1:
+            return
+        if self.layer == "pooled":
+            raise UserError("clip_skip does not apply to FrozenCLIPEmbedder layer 'pooled' (the end-token feature of "
+                            "the last layer); use clip_skip=1")
+        if self._hidden_state_index(clip_skip) < 1:
+            raise UserError(f"clip_skip={clip_skip} reaches past the first of this CLIP text model's "
+                            f"{self.transformer.config.num_hidden_layers} layers")
+
+    def token_embedding_layer(self):
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def encode_tokens(self, tokens, clip_skip):
+        out = self._run(tokens, output_hidden_states=self.layer == "hidden" or clip_skip > 1)
+        if self.layer == "last" and clip_skip == 1:
+            return out.last_hidden_state
+        if self.layer == "last":
+            return self.transformer.text_model.final_layer_norm(out.hidden_states[self._hidden_state_index(clip_skip)])
+        if clip_skip == 1:
+            return out.hidden_states[self.layer_idx]
+        return out.hidden_states[self._hidden_state_index(clip_skip)]
 
 
 def _drop_legacy_position_ids(module, state_dict, prefix, *args):

@@ -4,7 +4,7 @@ import copy
 import torch
 
 from ldm.errors import UserError
-from ldm.modules.encoders.base import AbstractEncoder, parameter_device
+from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
 from ldm.modules.encoders.tokenizer import OPENCLIP_PAD_TOKEN_ID, CLIPBPETokenizer
 
 # The image tower is deleted right after construction, so it is built at a token size: the full
@@ -34,19 +34,24 @@ def build_openclip_text_model(arch):
     return model
 
 
-class FrozenOpenCLIPEmbedder(AbstractEncoder):
-    """Prompts -> OpenCLIP text features ``[B, 77, width]`` (1024 for ViT-H-14; SD 2.x conditioning).
+class FrozenOpenCLIPEmbedder(ChunkedTextEncoder):
+    """Prompts -> OpenCLIP text features ``[B, 77 * chunks, width]`` (1024 for ViT-H-14; SD 2.x conditioning).
 
     ``layer`` "last" runs every transformer block, "penultimate" stops one block early (what SD 2.x uses);
     both end with ``ln_final``. ``arch`` is an open_clip model name or a model config dict; ``version``
     (the pretrained tag) is accepted for config compatibility and ignored: weights come from the SD
     checkpoint. ``device`` is likewise kept but unused; inputs follow the weights' device.
+
+    ``emphasis``, ``truncate`` and ``clip_skip`` are the prompt options of ``ChunkedTextEncoder``. Clip skip
+    N counts from the configured ``layer``: N = 1 is that layer itself, N = 2 stops one more block early
+    (for the SD 2.x configs' "penultimate", N = 2 is the output of the third-to-last block), always
+    followed by ``ln_final``. (A1111 ignores its clip-skip setting for SD 2.x.)
     """
 
     LAYERS = ("last", "penultimate")
 
     def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device="cuda", max_length=77, freeze=True,
-                 layer="last"):
+                 layer="last", emphasis="none", clip_skip=1, truncate=True):
         super().__init__()
         if layer not in self.LAYERS:
             raise UserError(f"FrozenOpenCLIPEmbedder layer '{layer}' is not one of {', '.join(self.LAYERS)}")
@@ -61,32 +66,39 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = {"last": 0, "penultimate": 1}[layer]  # blocks skipped at the end
+        self.init_prompt_options(emphasis, clip_skip, truncate)
         if freeze:
             self.freeze()
 
-    def forward(self, text):
-        tokens = self.tokenizer(text).to(parameter_device(self.model))
-        return self.encode_with_transformer(tokens)
+    def check_clip_skip(self, clip_skip):
+        n_blocks = len(self.model.transformer.resblocks)
+        if self.layer_idx + clip_skip - 1 >= n_blocks:
+            raise UserError(f"clip_skip={clip_skip} with layer '{self.layer}' leaves none of this OpenCLIP text "
+                            f"model's {n_blocks} blocks to run")
 
-    def encode_with_transformer(self, tokens):
+    def token_embedding_layer(self):
+        return self.model.token_embedding
+
+    def encode_tokens(self, tokens, clip_skip):
+        return self.encode_with_transformer(tokens, skipped_blocks=self.layer_idx + clip_skip - 1)
+
+    def encode_with_transformer(self, tokens, skipped_blocks=None):
         x = self.model.token_embedding(tokens) + self.model.positional_embedding  # [B, L, D]
         # Built here rather than taken from model.attn_mask: that buffer is not saved in checkpoints, so it
         # is garbage when the model was built on the meta device and then loaded.
         length = x.shape[1]
         causal_mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        x = self.text_transformer_forward(x, attn_mask=causal_mask)
+        x = self.text_transformer_forward(x, attn_mask=causal_mask, skipped_blocks=skipped_blocks)
         return self.model.ln_final(x)
 
-    def text_transformer_forward(self, x, attn_mask=None):
-        """Run all but the last ``layer_idx`` residual blocks on ``x`` [B, L, D]."""
+    def text_transformer_forward(self, x, attn_mask=None, skipped_blocks=None):
+        """Run all but the last ``skipped_blocks`` (default ``layer_idx``) residual blocks on ``x`` [B, L, D]."""
+        skipped = self.layer_idx if skipped_blocks is None else skipped_blocks
         transformer = self.model.transformer
-        blocks = transformer.resblocks[:len(transformer.resblocks) - self.layer_idx]
+        blocks = transformer.resblocks[:len(transformer.resblocks) - skipped]
         batch_first = getattr(transformer, "batch_first", False)  # open_clip < 2.24 ran blocks as [L, B, D]
         if not batch_first:
             x = x.transpose(0, 1)
         for block in blocks:
             x = block(x, attn_mask=attn_mask)
         return x if batch_first else x.transpose(0, 1)
-
-    def encode(self, text):
-        return self(text)

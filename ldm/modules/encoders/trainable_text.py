@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.errors import UserError
-from ldm.modules.encoders.base import AbstractEncoder, parameter_device
+from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
 from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, VOCAB_SIZE, CLIPBPETokenizer
 
 
@@ -41,16 +41,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class CLIPTokenTransformerEmbedder(AbstractEncoder):
-    """Trainable prompts -> ``[B, max_length, n_embed]`` encoder over CLIP BPE tokens (padded with 49407).
+class CLIPTokenTransformerEmbedder(ChunkedTextEncoder):
+    """Trainable prompts -> ``[B, max_length * chunks, n_embed]`` encoder over CLIP BPE tokens (padded with 49407).
 
     Token + learned positional embedding, ``n_layer`` pre-LN blocks, final LayerNorm. Attention is
     bidirectional by default: with no pretrained CLIP to stay compatible with, letting every token see the
     whole prompt (an adjective sees its noun) is the better use of two small layers, and the fixed pad
     tokens become extra learned context slots for cross-attention. ``causal=True`` gives CLIP-style masking.
+
+    ``emphasis``, ``truncate`` and ``clip_skip`` are the prompt options of ``ChunkedTextEncoder``; clip skip N
+    runs all but the last N - 1 blocks, then the final LayerNorm, as for the OpenCLIP encoder.
     """
 
-    def __init__(self, n_embed=128, n_layer=2, n_head=4, max_length=77, vocab_size=VOCAB_SIZE, causal=False):
+    def __init__(self, n_embed=128, n_layer=2, n_head=4, max_length=77, vocab_size=VOCAB_SIZE, causal=False,
+                 emphasis="none", clip_skip=1, truncate=True):
         super().__init__()
         if vocab_size < VOCAB_SIZE:
             raise UserError(f"vocab_size={vocab_size} is smaller than the CLIP BPE vocabulary ({VOCAB_SIZE})")
@@ -62,13 +66,18 @@ class CLIPTokenTransformerEmbedder(AbstractEncoder):
         self.ln_final = nn.LayerNorm(n_embed)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        self.init_prompt_options(emphasis, clip_skip, truncate)
 
-    def forward(self, text):
-        tokens = self.tokenizer(text).to(parameter_device(self))
+    def check_clip_skip(self, clip_skip):
+        if clip_skip > len(self.blocks):
+            raise UserError(f"clip_skip={clip_skip} leaves none of this text encoder's {len(self.blocks)} blocks "
+                            f"to run")
+
+    def token_embedding_layer(self):
+        return self.token_embedding
+
+    def encode_tokens(self, tokens, clip_skip):
         x = self.token_embedding(tokens) + self.positional_embedding  # [B, L, D]
-        for block in self.blocks:
+        for block in self.blocks[:len(self.blocks) - (clip_skip - 1)]:
             x = block(x)
         return self.ln_final(x)
-
-    def encode(self, text):
-        return self(text)

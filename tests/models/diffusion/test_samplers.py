@@ -4,6 +4,7 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.guidance import GuidedModel
 from ldm.models.diffusion.plms import PLMSSampler
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
@@ -194,3 +195,93 @@ def test_mask_keeps_the_known_region(eps_model):
         out = run("ddim", eps_model, ctx, None, 1.0, steps=10, mask=mask, x0=x0)
     # the final DDIM step starts from q(x_1 | x0), then denoises once more
     assert (out - x0).abs().mean() < 0.2
+
+
+@pytest.mark.parametrize("sampler_name", list(SAMPLERS))
+def test_guidance_rescale_reaches_every_sampler(sampler_name, eps_model):
+    ctx, uctx = contexts()
+    with torch.no_grad():
+        plain = run(sampler_name, eps_model, ctx, uctx, 5.0)
+        phi_zero = run(sampler_name, eps_model, ctx, uctx, 5.0, guidance_rescale=0.0)
+        rescaled = run(sampler_name, eps_model, ctx, uctx, 5.0, guidance_rescale=0.7)
+    torch.testing.assert_close(phi_zero, plain, rtol=0, atol=0)
+    assert torch.isfinite(rescaled).all() and (rescaled - plain).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ zero terminal SNR (Lin et al. 2023)
+@pytest.fixture(scope="module")
+def zero_snr_v_model(tiny):
+    config = tiny.config(parameterization="v", rescale_betas_zero_snr=True,
+                         cond_stage_config={"target": "torch.nn.Identity"})
+    model = tiny.build(config, seed=1)
+    assert model.alphas_cumprod[-1] == 0
+    return model
+
+
+def spacing_for(sampler_name, spacing="trailing"):
+    # DPM-Solver keeps its own time-uniform schedule, which always starts at the last timestep
+    return {} if sampler_name == "dpm" else {"timestep_spacing": spacing}
+
+
+@pytest.mark.parametrize("sampler_name", list(SAMPLERS))
+def test_zero_snr_v_model_samples_from_the_last_timestep_without_nan(sampler_name, zero_snr_v_model):
+    ctx, uctx = contexts()
+    with torch.no_grad():
+        out = run(sampler_name, zero_snr_v_model, ctx, uctx, 5.0, steps=4, guidance_rescale=0.7,
+                  **spacing_for(sampler_name))
+    assert torch.isfinite(out).all()
+
+
+def test_first_step_from_pure_noise_is_the_ddim_step_for_every_sampler(zero_snr_v_model):
+    """From alpha_bar = 0 one step down to alpha_bar_0 is x = sqrt(a_0) x0 + sqrt(1 - a_0) x_T with
+    x0 = -v (the v-model's own prediction at a = 0); PLMS takes exactly that step there and
+    DPM-Solver (order 1) nearly, on its clamped terminal alpha_bar."""
+    ctx, uctx = contexts()
+    x_T = start_code()
+    a0 = zero_snr_v_model.alphas_cumprod[0]
+    with torch.no_grad():
+        v = GuidedModel(zero_snr_v_model, ctx, uctx, 5.0)(x_T, torch.tensor([999, 999]))
+        expected = a0.sqrt() * -v + (1 - a0).sqrt() * x_T
+        ddim = run("ddim", zero_snr_v_model, ctx, uctx, 5.0, steps=1, timestep_spacing="trailing")
+        plms = run("plms", zero_snr_v_model, ctx, uctx, 5.0, steps=1, timestep_spacing="trailing")
+        dpm = run("dpm", zero_snr_v_model, ctx, uctx, 5.0, steps=1, order=1)
+    torch.testing.assert_close(ddim, expected)
+    torch.testing.assert_close(plms, ddim, rtol=0, atol=0)
+    torch.testing.assert_close(dpm, ddim, rtol=0, atol=2e-3)
+
+
+def test_dpm_solver_log_snr_stays_finite_at_zero_terminal_snr(zero_snr_v_model):
+    ns = DPMSolverSampler(zero_snr_v_model, device="cpu").noise_schedule()
+    lam = ns.marginal_lambda(ns.t_array)
+    assert torch.isfinite(lam).all() and torch.all(lam[1:] < lam[:-1])
+
+
+class AsEpsModel:
+    """A zero-terminal-SNR model presented as an eps-model (as a checkpoint with such buffers and an eps
+    config would load)."""
+    parameterization = "eps"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("sampler_name", list(SAMPLERS))
+def test_eps_model_at_zero_snr_is_refused_where_it_reaches_the_last_timestep(sampler_name, zero_snr_v_model):
+    from ldm.errors import UserError
+    ctx, _ = contexts()
+    eps_view = AsEpsModel(zero_snr_v_model)
+    with pytest.raises(UserError, match="timestep 999, where alpha_bar is 0 .* eps-prediction model cannot"):
+        run(sampler_name, eps_view, ctx, None, 1.0, steps=3, **spacing_for(sampler_name))
+    if sampler_name != "dpm":  # the official leading spacing never reaches it
+        with torch.no_grad():
+            assert torch.isfinite(run(sampler_name, eps_view, ctx, None, 1.0, steps=3)).all()
+
+
+def test_dpm_solver_takes_no_timestep_spacing(eps_model):
+    from ldm.errors import UserError
+    ctx, _ = contexts()
+    with pytest.raises(UserError, match="DPM-Solver steps uniformly in time .* no timestep_spacing"):
+        run("dpm", eps_model, ctx, None, 1.0, timestep_spacing="trailing")

@@ -1,6 +1,10 @@
-"""The eps / x0 / v algebra: conversions round-trip and match the definitions."""
+"""The eps / x0 / v algebra: conversions round-trip and match the definitions; the zero-terminal-SNR
+schedule (Lin et al. 2023)."""
+import numpy as np
+import pytest
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion import schedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
@@ -47,3 +51,54 @@ def test_model_methods_use_the_same_algebra(tiny):
     torch.testing.assert_close(model.predict_start_from_z_and_v(x_t, t, v), x0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.predict_eps_from_z_and_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.predict_start_from_noise(x_t, t, eps), x0, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- zero terminal SNR
+def test_zero_terminal_snr_rescale_matches_the_papers_algorithm_by_hand():
+    """Lin et al. 2023, Algorithm 1 on betas (0.1, 0.2, 0.3), worked by hand:
+    alpha_bar = (0.9, 0.72, 0.504); sqrt = (0.948683, 0.848528, 0.709930); shift by the last and
+    scale by 0.948683 / (0.948683 - 0.709930) = 3.973481 -> (0.948683, 0.550719, 0); squared
+    (0.9, 0.303291, 0); alphas = (0.9, 0.303291 / 0.9, 0) -> betas (0.1, 0.663010, 1)."""
+    betas = schedule.rescale_zero_terminal_snr([0.1, 0.2, 0.3])
+    np.testing.assert_allclose(betas, [0.1, 0.6630099, 1.0], rtol=1e-6)
+
+
+def test_zero_terminal_snr_schedule_ends_at_zero_keeps_the_first_and_decreases():
+    plain = make_beta_schedule("linear", 1000, 0.00085, 0.012)
+    betas = schedule.rescale_zero_terminal_snr(plain)
+    alpha_bar = np.cumprod(1 - betas)
+    assert alpha_bar[-1] == 0
+    assert alpha_bar[0] == pytest.approx(1 - plain[0], rel=1e-12)
+    assert np.all(np.diff(alpha_bar) < 0)
+    assert np.all((betas > 0) & (betas <= 1)) and betas[-1] == 1
+    buffers = schedule.schedule_buffers(betas)
+    assert buffers["alphas_cumprod"][-1] == 0 and buffers["sqrt_one_minus_alphas_cumprod"][-1] == 1
+    # only x0-from-eps is undefined at the end; everything else stays finite
+    finite = [k for k in schedule.SCHEDULE_BUFFERS if not k.startswith("sqrt_recip")]
+    assert all(torch.isfinite(buffers[k]).all() for k in finite)
+
+
+def test_finite_alphas_cumprod_replaces_only_a_zero_terminal_value():
+    plain = schedule.schedule_buffers(make_beta_schedule("linear", 1000, 0.00085, 0.012))["alphas_cumprod"]
+    assert schedule.finite_alphas_cumprod(plain) is plain and not schedule.has_zero_terminal_snr(plain)
+    zero = schedule.schedule_buffers(schedule.rescale_zero_terminal_snr(make_beta_schedule("linear", 1000,
+                                                                                            0.00085, 0.012)))
+    acp = zero["alphas_cumprod"]
+    assert schedule.has_zero_terminal_snr(acp)
+    finite = schedule.finite_alphas_cumprod(acp)
+    assert finite[-1] == pytest.approx(schedule.TERMINAL_ALPHA_BAR_FLOOR) and acp[-1] == 0
+    assert torch.equal(finite[:-1], acp[:-1])
+    assert torch.isfinite(((1 - finite) / finite).sqrt()).all()  # the k-diffusion sigmas
+
+
+def test_model_option_rescales_the_schedule_and_refuses_eps(tiny):
+    params = {"parameterization": "v", "cond_stage_config": {"target": "torch.nn.Identity"}}
+    plain = tiny.build(tiny.config(**params))
+    zero = tiny.build(tiny.config(rescale_betas_zero_snr=True, **params))
+    assert not plain.rescale_betas_zero_snr and plain.alphas_cumprod[-1] > 0
+    assert zero.rescale_betas_zero_snr and zero.alphas_cumprod[-1] == 0
+    torch.testing.assert_close(zero.alphas_cumprod[0], plain.alphas_cumprod[0])
+    assert torch.all(zero.alphas_cumprod[1:] < plain.alphas_cumprod[1:])
+    assert torch.isfinite(zero.lvlb_weights).all()
+    with pytest.raises(UserError, match="rescale_betas_zero_snr needs parameterization 'v'"):
+        tiny.build(tiny.config(rescale_betas_zero_snr=True, cond_stage_config={"target": "torch.nn.Identity"}))

@@ -1,7 +1,14 @@
-"""The ``DPMSolverSampler`` interface (official signature) over DPM-Solver++ and the shared guided call."""
+"""The ``DPMSolverSampler`` interface (official signature) over DPM-Solver++ and the shared guided call.
+
+DPM-Solver keeps its own schedule, uniform in continuous time from t = 1 (the last training
+timestep) to 1/N; it takes no ``timestep_spacing``. Since it always starts at the last timestep, a
+zero-terminal-SNR model (alpha_bar_T = 0) runs on ``schedule.finite_alphas_cumprod`` (log alpha
+and the log-SNR must be finite) and gives x0 directly; an eps-model is refused there.
+"""
 import torch
 from tqdm import tqdm
 
+from ldm.errors import UserError
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import _check_batch
 from ldm.models.diffusion.guidance import GuidedModel
@@ -15,29 +22,49 @@ class DPMSolverSampler:
         self.model = model
         self.device = torch.device(device) if device is not None else model.betas.device
         self.alphas_cumprod = model.alphas_cumprod.detach().float().to(self.device)
+        self.zero_terminal_snr = schedule.has_zero_terminal_snr(self.alphas_cumprod)
+
+    def noise_schedule(self):
+        """The model's schedule made continuous; at zero terminal SNR its last alpha_bar is clamped
+        (``schedule.finite_alphas_cumprod``) so that log alpha and the log-SNR lambda stay finite."""
+        return NoiseScheduleVP("discrete", alphas_cumprod=schedule.finite_alphas_cumprod(self.alphas_cumprod))
 
     @torch.no_grad()
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
                img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1., noise_dropout=0.,
                score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None, log_every_t=100,
-               unconditional_guidance_scale=1., unconditional_conditioning=None, progress=True, order=2, **kwargs):
-        """Multistep DPM-Solver++ (order 2, time-uniform, lower order at the end); returns (samples, None)."""
+               unconditional_guidance_scale=1., unconditional_conditioning=None, progress=True, order=2,
+               timestep_spacing=None, guidance_rescale=0., **kwargs):
+        """Multistep DPM-Solver++ (order 2, time-uniform, lower order at the end); returns (samples, None).
+
+        ``guidance_rescale`` as for DDIM; ``timestep_spacing`` must stay None (see the module docstring).
+        """
         check_eta("dpm", eta)
+        if timestep_spacing is not None:
+            raise UserError(f"DPM-Solver steps uniformly in time from the last timestep and takes no "
+                            f"timestep_spacing (got {timestep_spacing!r}); spacings apply to DDIM and PLMS")
         if mask is not None:
             raise NotImplementedError("DPM-Solver does not support mask/x0 blending; use DDIM for inpainting")
+        if self.zero_terminal_snr:
+            schedule.check_prediction_at_zero_snr(
+                self.model.parameterization, self.alphas_cumprod, [len(self.alphas_cumprod) - 1], "DPM-Solver",
+                advice="use a v-prediction model, or DDIM or PLMS with timestep_spacing 'leading'")
         _check_batch(conditioning, batch_size)
         size = (batch_size, *shape)
         img = torch.randn(size, device=self.device) if x_T is None else x_T.to(self.device)
         guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
-                             score_corrector, corrector_kwargs)
+                             score_corrector, corrector_kwargs, guidance_rescale=guidance_rescale)
 
         def data_fn(x, t_model, alpha_t, sigma_t):
             a, s = alpha_t.reshape(-1, 1, 1, 1), sigma_t.reshape(-1, 1, 1, 1)
+            eps, x0 = guided.eps_and_x0(x, t_model, a, s)
+            if self.zero_terminal_snr:
+                # near alpha_bar = 0, (x - s eps) / a would amplify rounding by 1 / a (~4500)
+                return x0
             # eps first, then x0 from it: the official wrapper converts v to eps and the solver eps to x0
-            eps, _ = guided.eps_and_x0(x, t_model, a, s)
             return schedule.x0_from_eps(x, eps, a, s)
 
-        solver = DPMSolverPP(data_fn, NoiseScheduleVP("discrete", alphas_cumprod=self.alphas_cumprod))
+        solver = DPMSolverPP(data_fn, self.noise_schedule())
         progress_iter = (lambda it: tqdm(it, desc="DPM-Solver++", total=S)) if progress else None
         x = solver.sample(img, steps=S, order=order, lower_order_final=True, callback=callback,
                           progress_iter=progress_iter)
