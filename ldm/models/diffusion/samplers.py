@@ -21,8 +21,10 @@ class SamplerInfo:
     label: str                   # A1111's label
     default_schedule: str = ""   # "" for the timestep samplers (no sigma schedule)
     aliases: tuple = ()
-    # options the sampler function gets (e.g. UniPC's variant)
+    # options the sampler function gets (e.g. DPM++ 2M SDE Heun's solver type)
     options: tuple = ()
+    discard_next_to_last_sigma: bool = False   # as A1111 runs it
+    function: str = ""           # the k_sampling function, when it is not ``name``
 
     @property
     def uses_sigmas(self):
@@ -37,14 +39,16 @@ SAMPLER_INFO = (
     SamplerInfo("euler", "Euler", "normal", ("k_euler",)),
     SamplerInfo("euler_ancestral", "Euler a", "normal", ("k_euler_a", "k_euler_ancestral")),
     SamplerInfo("heun", "Heun", "normal", ("k_heun",)),
-    SamplerInfo("dpm_2", "DPM2", "karras", ("k_dpm_2",)),
-    SamplerInfo("dpm_2_ancestral", "DPM2 a", "karras", ("k_dpm_2_a",)),
+    SamplerInfo("dpm_2", "DPM2", "karras", ("k_dpm_2",), discard_next_to_last_sigma=True),
+    SamplerInfo("dpm_2_ancestral", "DPM2 a", "karras", ("k_dpm_2_a",), discard_next_to_last_sigma=True),
     SamplerInfo("lms", "LMS", "normal", ("k_lms",)),
     SamplerInfo("dpmpp_2m", "DPM++ 2M", "karras", ("k_dpmpp_2m",)),
     SamplerInfo("dpmpp_2s_ancestral", "DPM++ 2S a", "karras", ("k_dpmpp_2s_a",)),
     SamplerInfo("dpmpp_sde", "DPM++ SDE", "karras", ("k_dpmpp_sde",)),
     SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", "exponential", ("k_dpmpp_2m_sde",)),
-    SamplerInfo("dpmpp_3m_sde", "DPM++ 3M SDE", "exponential", ("k_dpmpp_3m_sde",)),
+    SamplerInfo("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", "exponential", ("k_dpmpp_2m_sde_heun",),
+                options=(("solver_type", "heun"),), function="dpmpp_2m_sde"),
+    SamplerInfo("dpmpp_3m_sde", "DPM++ 3M SDE", "exponential", ("k_dpmpp_3m_sde",), discard_next_to_last_sigma=True),
     SamplerInfo("unipc_bh1", "UniPC", "normal", ("unipc", "uni_pc")),
     SamplerInfo("unipc_bh2", "UniPC bh2", "normal", ("uni_pc_bh2",)),
     SamplerInfo("ddpm", "DDPM", "normal"),
@@ -149,5 +153,7 @@ def make_sampler(name, model, device=None, *, schedule=None, sigmas=None):
                        "dpm": ("ldm.models.diffusion.dpm_solver", "DPMSolverSampler")}[name]
         return getattr(importlib.import_module(module), cls)(model, device=device)
     from ldm.models.diffusion.k_sampler import KDiffusionSampler
-    return KDiffusionSampler(model, sampler=name, schedule=resolved, sigmas=sigmas, device=device,
-                             sampler_options=dict(SAMPLER_BY_NAME[name].options))
+    info = SAMPLER_BY_NAME[name]
+    return KDiffusionSampler(model, sampler=info.function or name, schedule=resolved, sigmas=sigmas, device=device,
+                             sampler_options=dict(info.options),
+                             discard_next_to_last_sigma=info.discard_next_to_last_sigma)
