@@ -302,9 +302,9 @@ def check_strength(strength, sampler):
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
     if sampler not in PARTIAL_SCHEDULE_SAMPLERS:
-        allowed = " or ".join(DISPLAY_NAMES[name] for name in PARTIAL_SCHEDULE_SAMPLERS)
-        raise UserError(f"image-to-image (a partial schedule) works with the {allowed} sampler only, "
-                        f"not {DISPLAY_NAMES.get(sampler, sampler)}")
+        raise UserError(f"image-to-image (a partial schedule) does not work with "
+                        f"{DISPLAY_NAMES.get(sampler, sampler)}; use DDIM or a sampler of the sigma "
+                        f"formulation (Euler, DPM++ 2M, ...)")
 
 
 def img2img(model, init_image, prompts, *, strength=0.75, **sampling):
