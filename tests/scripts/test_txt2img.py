@@ -46,7 +46,7 @@ def test_numbering_continues_and_from_file_prompts(scripts, tiny_files, tmp_path
     got = [read_parameters(out / "samples" / f"{i:05}.png") for i in range(2, 6)]
     assert [p["prompt"] for p in got] == ["a red circle"] * 2 + ["a blue square"] * 2
     assert {p["negative_prompt"] for p in got} == {"blurry"}
-    assert {p["sampler"] for p in got} == {"plms"}
+    assert {p["sampler"] for p in got} == {"PLMS"}
     with Image.open(out / "grid-0001.png") as grid:
         assert grid.size == (2 * 18 + 2, 2 * 18 + 2)
     assert "outputs:" in capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_skip_save_and_skip_grid_write_nothing(scripts, tiny_files, tmp_path, ca
     (["--n_samples", "0"], "--n_samples must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--W", "30"], "--W must be a positive multiple of 8"),
-    (["--plms", "--ddim_eta", "0.5"], "PLMS is deterministic"),
+    (["--plms", "--ddim_eta", "0.5"], "PLMS has no eta"),
     (["--from-file", "missing.txt"], "prompt file 'missing.txt' does not exist"),
     (["--precision", "half"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments"),
