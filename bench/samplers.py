@@ -7,7 +7,7 @@ DDIM run from that noise, the reference. Two subjects:
 - the shipped model (default), a handful of prompts from the shapes benchmark set at its CLI
   scale 4: RMSE and PSNR of the decoded images in [0, 1] pixel space, and the latent RMSE;
 - a full-size SD 2.x U-Net (``unet_config`` of configs/stable-diffusion/v2-inference.yaml) with
-  seeded random weights at 8x8 latents and random cross-attention context [B, 77, 1024], at the
+  seeded random weights at 8x8 latents and random cross-attention context [1, 77, 1024], at the
   official scale 7.5: latent RMSE only (there is no decoder). Its zero-initialised output layers
   get random weights too, scaled so the eps output has unit spread, or every sampler would
   return x_T.
@@ -52,7 +52,7 @@ from ldm.models.diffusion.samplers import (SAMPLER_BY_NAME, SAMPLERS, SCHEDULE_L
 SD2_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 SCHEDULES = tuple(SCHEDULE_LABELS)
 # the full-size U-Net costs ~2 s a step on two cores whatever the batch (its weights dominate), so it
-# runs a subset: "core" fits the default run in ~25 minutes, "all" is the issue's subset (~35 min more)
+# runs a subset: "core" (~14 min) keeps the default run near 25 minutes, "all" is the issue's subset (~35 min)
 FULL_SIZE_CORE = ("ddim", "euler", "dpmpp_2m", "unipc_bh1")
 FULL_SIZE_SCHEDULE_STEPS = {"core": 10, "all": 20}
 # one random "prompt" (CFG batch 2): a second one would add ~15% to every step for no new information
@@ -319,14 +319,15 @@ def markdown_table(rows, images):
         cells = [r["label"] + (" *" if r["stochastic"] else ""), r["schedule_label"], str(r["steps"])]
         if images:
             cells += [_cell(r["image_rmse"], ".4f"), _cell(r["psnr_db"], ".1f")]
-        cells += [_cell(r["latent_rmse"], ".4f"), f"{r['images_per_s']:.2f}"]
+        cells += [_cell(r["latent_rmse"], ".4f"), f"{r['images_per_s']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def summary_table(rows, images):
     """One line per (sampler, schedule): the distance at each step count (PSNR in dB when the
-    subject has images, else latent RMSE) and images/s at the middle step count."""
+    subject has images, else latent RMSE) and images/s at the middle step count (or, for a pair
+    that did not run it, at its own first, in brackets)."""
     steps = sorted({r["steps"] for r in rows})
     middle = steps[len(steps) // 2]
     by_pair = {}
@@ -337,7 +338,9 @@ def summary_table(rows, images):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (label, schedule), runs in by_pair.items():
         cells = [label, schedule, *(_cell(runs[n][key], fmt) if n in runs else "" for n in steps)]
-        cells.append(f"{runs[middle]['images_per_s']:.2f}" if middle in runs else "")
+        first = min(runs)
+        cells.append(f"{runs[middle]['images_per_s']:.3g}" if middle in runs
+                     else f"({runs[first]['images_per_s']:.3g} at {first})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
