@@ -155,8 +155,9 @@ class _Alternate:
     options: list
 
 
-def _parse_nested(text, i):
-    """A ``prompt`` starting at ``i``: (nodes, end). Stops at the first character no item can start with."""
+def _parse_nested(text, i, top_level=False):
+    """A ``prompt`` starting at ``i``: (nodes, end). Inside a group it stops at the first character no
+    item can start with; at the top level a stray bracket or colon is plain text."""
     nodes = []
     while i < len(text):
         plain = _PLAIN.match(text, i)
@@ -165,10 +166,14 @@ def _parse_nested(text, i):
             i = plain.end()
             continue
         group = _parse_group(text, i) if text[i] in "([" else None
-        if group is None:
+        if group is not None:
+            node, i = group
+            nodes.append(node)
+        elif top_level and text[i] in _STRAY:
+            nodes.append(text[i])
+            i += 1
+        else:
             break
-        node, i = group
-        nodes.append(node)
     return nodes, i
 
 
@@ -207,24 +212,10 @@ def _parse_group(text, i):
 
 
 def _parse_schedule_syntax(text):
-    """The node list of a whole prompt, or None where the grammar cannot read it."""
-    nodes, i = [], 0
-    while i < len(text):
-        plain = _PLAIN.match(text, i)
-        if plain:
-            nodes.append(plain.group())
-            i = plain.end()
-            continue
-        group = _parse_group(text, i) if text[i] in "([" else None
-        if group is not None:
-            node, i = group
-            nodes.append(node)
-        elif text[i] in _STRAY:
-            nodes.append(text[i])
-            i += 1
-        else:  # "|" outside an alternation, or a backslash ending the prompt
-            return None
-    return nodes
+    """The node list of a whole prompt, or None where the grammar cannot read it ("|" outside an
+    alternation, or a backslash ending the prompt)."""
+    nodes, end = _parse_nested(text, 0, top_level=True)
+    return nodes if end == len(text) else None
 
 
 def _when_step(when, steps):
