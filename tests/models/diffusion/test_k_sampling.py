@@ -26,23 +26,6 @@ SHAPE = [4, 8, 8]
 DETERMINISTIC = sorted(set(K_SAMPLERS) - STOCHASTIC_SAMPLERS)
 
 
-def identity_cond_model(tiny, parameterization):
-    """Tiny LatentDiffusion whose conditioning is a plain [B, 7, 32] context tensor."""
-    config = tiny.config(parameterization=parameterization, conditioning_key="crossattn",
-                         cond_stage_config={"target": "torch.nn.Identity"})
-    return tiny.build(config, seed=1)
-
-
-@pytest.fixture(scope="module")
-def eps_model(tiny):
-    return identity_cond_model(tiny, "eps")
-
-
-@pytest.fixture(scope="module")
-def v_model(tiny):
-    return identity_cond_model(tiny, "v")
-
-
 def contexts(seed=3):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 32, generator=g)

@@ -11,13 +11,6 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
 SHAPE = [4, 8, 8]
 
 
-def identity_cond_model(tiny, parameterization="eps", conditioning_key="crossattn"):
-    """Tiny LatentDiffusion whose conditioning is a plain [B, 7, 32] context tensor."""
-    config = tiny.config(parameterization=parameterization, conditioning_key=conditioning_key,
-                         cond_stage_config={"target": "torch.nn.Identity"})
-    return tiny.build(config, seed=1)
-
-
 def contexts(seed=3):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 32, generator=g)
@@ -33,16 +26,6 @@ def run(sampler_name, model, cond, uncond, scale, steps=5, eta=0.0, x_T=None, **
                                 x_T=start_code() if x_T is None else x_T, unconditional_guidance_scale=scale,
                                 unconditional_conditioning=uncond, progress=False, **kw)
     return samples
-
-
-@pytest.fixture(scope="module")
-def eps_model(tiny):
-    return identity_cond_model(tiny, "eps")
-
-
-@pytest.fixture(scope="module")
-def v_model(tiny):
-    return identity_cond_model(tiny, "v")
 
 
 @pytest.mark.parametrize("sampler_name", list(SAMPLERS))
