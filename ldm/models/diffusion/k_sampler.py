@@ -117,9 +117,10 @@ class KDiffusionSampler:
         _check_batch(conditioning, batch_size)
         denoiser = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale, mask, x0,
                                  guidance_rescale)
-        sigmas = self.sigmas_for(S, denoiser)
         if self.discard_next_to_last_sigma and self.user_sigmas is None:
             sigmas = self.without_next_to_last(self.sigmas_for(S + 1, denoiser))
+        else:
+            sigmas = self.sigmas_for(S, denoiser)
         size = (batch_size, *shape)
         x_T = torch.randn(size, device=self.device) if x_T is None else x_T.to(self.device)
         samples = self._run(denoiser, x_T * sigmas[0], sigmas, callback, img_callback, progress)
