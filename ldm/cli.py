@@ -45,14 +45,7 @@ def fill_model_defaults(args):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad flags as a UserError (one line) instead of usage + exit."""
 
-    # flags that other scripts take, with why this one does not (set by add_common_args)
-    not_here = {}
-
     def error(self, message):
-        if message.startswith("unrecognized arguments:"):
-            reasons = {self.not_here[a] for a in message.split(":", 1)[1].split() if a in self.not_here}
-            if reasons:
-                message = f"{message} ({'; '.join(sorted(reasons))})"
         raise UserError(message)
 
 
@@ -79,10 +72,9 @@ def number_in(flag, low, high=None, kind=float):
     return convert
 
 
-def add_common_args(parser, outdir, *, samplers=SAMPLERS, size=False, fixed_code=False):
+def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     """The flags every sampling script takes (official names; ``--steps`` also as ``--ddim_steps``).
 
-    ``samplers``: the samplers the script can use (``--plms``/``--dpm`` only where they work);
     ``size``: ``--H``/``--W``; ``fixed_code``: ``--fixed_code``. README.md and docs/variants.md
     list the flags from the same split, and a test holds them to these parsers.
     """
@@ -100,14 +92,9 @@ def add_common_args(parser, outdir, *, samplers=SAMPLERS, size=False, fixed_code
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sampler", type=str, default=None,
                        help="sampler by its web-UI name, case-insensitive: " + ", ".join(
-                           DISPLAY_NAMES[n] for n in samplers) + " (default DDIM)")
+                           DISPLAY_NAMES[n] for n in SAMPLERS) + " (default DDIM)")
     for name in SAMPLER_FLAGS:   # the official scripts' spelling of two of them
-        if name in samplers:
-            group.add_argument(f"--{name}", action="store_true", help=f"the same as --sampler {DISPLAY_NAMES[name]}")
-        else:
-            parser.not_here = {**parser.not_here, f"--{name}": f"this script cannot sample with "
-                               f"{DISPLAY_NAMES[name]}"}
-    parser.set_defaults(allowed_samplers=tuple(samplers))
+        group.add_argument(f"--{name}", action="store_true", help=f"the same as --sampler {DISPLAY_NAMES[name]}")
     add("--schedule", type=str, default=None,
         help="sigma schedule of the Euler/DPM++/UniPC/... samplers: Automatic (the sampler's own), "
              + ", ".join(SCHEDULE_LABELS.values()))
@@ -200,9 +187,6 @@ def resolve_sampler_flags(args):
     """Turn --sampler/--plms/--dpm, --schedule and --sigmas into the library's ids (in place)."""
     sampler, combined_schedule = resolve_sampler(args.sampler or next(
         (name for name in SAMPLER_FLAGS if getattr(args, name, False)), "ddim"))
-    if sampler not in args.allowed_samplers:
-        allowed = ", ".join(DISPLAY_NAMES[n] for n in args.allowed_samplers)
-        raise UserError(f"--sampler {DISPLAY_NAMES[sampler]} does not work here; use one of {allowed}")
     schedule = resolve_schedule(args.schedule) if args.schedule is not None else combined_schedule
     schedule = None if schedule == AUTOMATIC else schedule
     if args.sigmas is not None:

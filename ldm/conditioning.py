@@ -99,16 +99,31 @@ def text_conditioning(model, prompts, negative_prompt="", prompt_options=None, w
     ``prompt_options`` (emphasis, truncate, clip_skip) go to the text encoder. Prompts longer than
     one 75-token chunk make longer conditioning: the shorter side is padded with empty-prompt
     chunks so that cond and uncond can share one batch. ``uc`` is None without ``with_uncond``.
+    With ``steps`` in ``prompt_options`` (the sampled steps), prompt editing ``[from:to:when]`` and
+    alternation ``[a|b]`` make ``ScheduledConditioning``s that the samplers resolve step by step.
     """
     from ldm.modules.prompt_conditioning import pad_to_same_length
-    prompts, options = _prompts(prompts), prompt_options or {}
+    prompts, options = _prompts(prompts), dict(prompt_options or {})
+    steps = options.pop("steps", None)
+    negatives = len(prompts) * [negative_prompt or ""]
+    if steps is not None and _has_schedules(prompts + (negatives if with_uncond else []), steps):
+        from ldm.modules.prompt_conditioning import scheduled_conditioning, scheduled_conditioning_pair
+        if not with_uncond:
+            return scheduled_conditioning(model, prompts, steps, **options), None
+        return scheduled_conditioning_pair(model, prompts, negatives, steps, **options)
     c = model.get_learned_conditioning(prompts, **options)
     if not with_uncond:
         return c, None
-    uc = model.get_learned_conditioning(len(prompts) * [negative_prompt or ""], **options)
+    uc = model.get_learned_conditioning(negatives, **options)
     if isinstance(c, torch.Tensor) and c.ndim == 3 and c.shape[1] != uc.shape[1]:
         c, uc = pad_to_same_length(c, uc, model.get_learned_conditioning([""], **options))
     return c, uc
+
+
+def _has_schedules(prompts, steps):
+    """Whether any prompt changes over ``steps`` steps (prompt editing or alternation)."""
+    from ldm.modules.prompt_parser import get_learned_conditioning_prompt_schedules
+    return any(len(schedule) > 1 for schedule in get_learned_conditioning_prompt_schedules(prompts, steps))
 
 
 def _require(model, family, label):

@@ -17,7 +17,6 @@ from PIL import Image
 from ldm.errors import UserError
 from ldm.image_io import images_to_tensor, tensor_to_images
 from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler, schedule_for  # noqa: F401
-from ldm.models.diffusion.samplers import DISPLAY_NAMES, PARTIAL_SCHEDULE_SAMPLERS
 from ldm.models.diffusion.samplers import make_sampler as _make_sampler
 
 log = logging.getLogger(__name__)
@@ -99,10 +98,11 @@ def check_settings(model, *, sampler, steps, scale, eta, n_samples, n_iter, sche
         raise UserError(f"guidance scale must be a finite number, got {scale}")
 
 
-def text_conditioning(model, prompts, sampling):
-    """(cond, uncond) of a batch's prompts; uncond only when guidance is on (scale != 1), as officially."""
+def text_conditioning(model, prompts, sampling, strength=None):
+    """(cond, uncond) of a batch's prompts; uncond only when guidance is on (scale != 1), as officially.
+    ``strength``: the img2img strength, which sets how many steps prompt editing spreads over."""
     from ldm.conditioning import text_conditioning as encode
-    return encode(model, list(prompts), sampling.negative_prompt, prompt_options(model, sampling),
+    return encode(model, list(prompts), sampling.negative_prompt, prompt_options(model, sampling, strength),
                   with_uncond=sampling.scale != 1.0)
 
 
@@ -160,16 +160,31 @@ class Sampling:
     clip_skip: object = None
 
 
-def prompt_options(model, sampling):
-    """The text-encoder options of ``sampling`` for ``model``; none for an encoder that reads no
-    prompt syntax (class labels, ...), which then refuses a clip skip."""
+def sampled_steps(sampling, strength=None):
+    """How many steps the sampler runs: ``steps`` (or the user's sigmas), of which img2img's
+    ``strength`` runs the last int(strength * n); at least 1."""
+    n = sampling.steps
+    if sampling.sigmas is not None:
+        from ldm.models.diffusion.k_sampling import sigmas_from_list
+        n = len(sigmas_from_list(sampling.sigmas)) - 1
+    if strength is not None:
+        n = int(strength * n)
+    return max(n, 1)
+
+
+def prompt_options(model, sampling, strength=None):
+    """How ``model``'s text encoder reads the prompts of ``sampling``: emphasis, truncation, clip skip,
+    and ``steps``, the sampled steps that prompt editing ``[from:to:when]`` and alternation ``[a|b]``
+    spread over (see ``sampled_steps``). None for an encoder that reads no prompt syntax (class
+    labels, ...), which then refuses a clip skip."""
     from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
     if not isinstance(getattr(model, "cond_stage_model", None), ChunkedTextEncoder):
         if sampling.clip_skip not in (None, 1):
             raise UserError(f"clip skip needs a text encoder; this model's conditioning is "
                             f"{type(getattr(model, 'cond_stage_model', None)).__name__}")
         return {}
-    return dict(emphasis=sampling.emphasis, truncate=sampling.truncate, clip_skip=sampling.clip_skip)
+    return dict(emphasis=sampling.emphasis, truncate=sampling.truncate, clip_skip=sampling.clip_skip,
+                steps=sampled_steps(sampling, strength))
 
 
 def run_generation(model, prompts, sampling, make_batch, setup=None):
@@ -225,11 +240,12 @@ def sample(sampler, sampling, cond, uncond, shape, **extra):
 
 def sample_from_latent(sampler, sampling, init_latent, strength, cond, uncond):
     """Noise ``init_latent`` to ``strength`` of the schedule (0 keeps it, 1 is pure noise) and
-    denoise the rest of the way: the img2img partial schedule."""
+    denoise the rest of the way: the img2img partial schedule. The sigma samplers and DPM-Solver++
+    have their own ``sample_img2img``; DDIM and PLMS noise to a DDIM step and ``decode`` from there."""
     steps, n = sampling.steps, init_latent.shape[0]
     uncond = uncond if sampling.scale != 1.0 else None
     options = _schedule_options(sampling)
-    if sampling.sampler != "ddim":
+    if hasattr(sampler, "sample_img2img"):
         return sampler.sample_img2img(steps, init_latent, strength, cond, unconditional_guidance_scale=sampling.scale,
                                       unconditional_conditioning=uncond, progress=sampling.progress, **options)
     sampler.make_schedule(ddim_num_steps=steps, ddim_eta=sampling.eta, verbose=False,
@@ -298,20 +314,16 @@ def resize_to_multiple(image, multiple=64):
     return image
 
 
-def check_strength(strength, sampler):
+def check_strength(strength):
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
-    if sampler not in PARTIAL_SCHEDULE_SAMPLERS:
-        raise UserError(f"image-to-image (a partial schedule) does not work with "
-                        f"{DISPLAY_NAMES.get(sampler, sampler)}; use DDIM or a sampler of the sigma "
-                        f"formulation (Euler, DPM++ 2M, ...)")
 
 
 def img2img(model, init_image, prompts, *, strength=0.75, **sampling):
     """Re-draw ``init_image`` (PIL) guided by text: noise it to ``strength`` of the schedule
     (0 keeps it, 1 starts from pure noise), then denoise. Other arguments: :class:`Sampling`."""
     sampling = Sampling(**sampling)
-    check_strength(strength, sampling.sampler)
+    check_strength(strength)
     init_image = resize_to_multiple(init_image.convert("RGB"), 64)
     log.info("img2img: %d of %d steps (strength %.2f)", int(strength * sampling.steps), sampling.steps,
              strength)
@@ -320,7 +332,7 @@ def img2img(model, init_image, prompts, *, strength=0.75, **sampling):
         return encode_image(model, init_image, max_batch(prompts, sampling.n_samples))
 
     def make_batch(sampler, batch, init_latent):
-        c, uc = text_conditioning(model, batch, sampling)
+        c, uc = text_conditioning(model, batch, sampling, strength)
         return _decode(model, sample_from_latent(sampler, sampling, init_latent[:len(batch)], strength, c, uc))
 
     return run_generation(model, prompts, sampling, make_batch, setup)

@@ -134,14 +134,12 @@ def inpaint(model, image, mask, prompts, **sampling):
 
     An inpainting model (9 U-Net input channels) sees the mask and the masked image. A text-to-image
     model instead samples freely and, before every step, resets the known region to the image's
-    latent noised to that step (latent-diffusion's inpainting); its known pixels are pasted back at
-    the end. A mask of another size is resized to the image with a warning. Other keyword
+    latent noised to that step (latent-diffusion's inpainting; the sigma samplers and DPM-Solver++
+    replace their clean-latent estimate there instead); its known pixels are pasted back at the end. A mask of another size is resized to the image with a warning. Other keyword
     arguments: :class:`ldm.generate.Sampling`.
     """
     sampling = Sampling(**sampling)
     family = require_family(model, "inpainting", "txt2img")
-    if family == "txt2img" and sampling.sampler == "dpm":
-        raise UserError("inpainting with a text-to-image model needs the DDIM or PLMS sampler, not DPM-Solver")
     image = image.convert("RGB")
     mask = fit_to(to_mask(mask), image.size, "mask")
     if not np.asarray(mask).any():
@@ -218,7 +216,7 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, on_de
     """
     sampling = Sampling(**{"scale": 9.0, **sampling})
     require_family(model, "depth")
-    check_strength(strength, sampling.sampler)
+    check_strength(strength)
     init_image = init_image.convert("RGB")
     padded = pad_to_multiple(init_image, size_multiple(model))
     depth = None
@@ -241,7 +239,7 @@ def depth2img(model, init_image, prompts, *, strength=0.9, depth_map=None, on_de
 
     def make_batch(sampler, batch, init_latent):
         cond = depth_conditioning(model, batch, image=padded, depth=depth, negative_prompt=sampling.negative_prompt,
-                                  prompt_options=prompt_options(model, sampling))
+                                  prompt_options=prompt_options(model, sampling, strength))
         samples = sample_from_latent(sampler, sampling, init_latent[:len(batch)], strength, cond.cond, cond.uncond)
         return _crop(tensor_to_images(_pixels(model, samples)), init_image.size)
 

@@ -11,12 +11,11 @@ import sys
 
 from ldm.cli import (ArgumentParser, Saver, add_common_args, check_common_args, existing_file,
                      generate_and_save, number_in, prepare, run)
-from ldm.models.diffusion.samplers import PARTIAL_SCHEDULE_SAMPLERS
 
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, outdir="outputs/depth2img-samples", samplers=PARTIAL_SCHEDULE_SAMPLERS)
+    add_common_args(parser, outdir="outputs/depth2img-samples")
     parser.set_defaults(scale=9.0)
     parser.add_argument("--init-img", type=existing_file("init image"), required=True,
                         help="path to the input image")

@@ -9,12 +9,11 @@ import sys
 
 from ldm.cli import (ArgumentParser, add_common_args, check_common_args, existing_file, generate_and_save,
                      number_in, prepare, run)
-from ldm.models.diffusion.samplers import PARTIAL_SCHEDULE_SAMPLERS
 
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser, outdir="outputs/img2img-samples", samplers=PARTIAL_SCHEDULE_SAMPLERS)
+    add_common_args(parser, outdir="outputs/img2img-samples")
     parser.add_argument("--init-img", type=existing_file("init image"), required=True,
                         help="path to the input image")
     parser.add_argument("--strength", type=number_in("--strength", 0.0, 1.0), default=0.75,

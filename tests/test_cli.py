@@ -79,9 +79,7 @@ def test_docs_list_exactly_the_flags_each_script_takes(scripts, script):
     assert _documented_flags(script) == _parser_flags(scripts, script)
 
 
-@pytest.mark.parametrize("script, flag", [("img2img", "--plms"), ("img2img", "--dpm"),
-                                          ("depth2img", "--plms"), ("img2img", "--H"),
-                                          ("img2img", "--fixed_code"), ("upscale", "--H")])
+@pytest.mark.parametrize("script, flag", [("img2img", "--H"), ("img2img", "--fixed_code"), ("upscale", "--H")])
 def test_flags_a_script_does_not_take_are_refused(scripts, tmp_path, capsys, script, flag):
     (tmp_path / "x.png").write_bytes(b"")
     assert scripts.load(script).main(["--init-img", str(tmp_path / "x.png"), flag,
@@ -187,11 +185,12 @@ def test_impossible_sampler_settings_are_one_line(scripts, tmp_path, capsys, fla
     assert not (tmp_path / "o").exists()
 
 
-def test_img2img_refuses_samplers_without_partial_schedules(scripts, tmp_path, capsys):
+def test_img2img_and_depth2img_take_every_sampler(scripts, tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
-    assert scripts.load("img2img").main(["--init-img", str(tmp_path / "x.png"), "--sampler", "PLMS",
-                                         "--outdir", str(tmp_path / "o")]) == 2
-    assert "--sampler PLMS does not work here" in capsys.readouterr().err
+    for script in ("img2img", "depth2img"):
+        for flag in ("--plms", "--dpm"):
+            args = scripts.load(script).build_parser().parse_args(["--init-img", str(tmp_path / "x.png"), flag])
+            assert getattr(args, flag[2:])
 
 
 @pytest.mark.parametrize("flags, sampler, schedule", [
@@ -253,12 +252,17 @@ def test_every_registered_sampler_runs_through_txt2img(tiny_model):
 
 
 def test_dpm2_drops_the_next_to_last_sigma_as_a1111(tiny_model):
+    # A1111 builds n + 1 sigmas and drops the next-to-last for DPM2 / DPM2 a / 3M SDE, in txt2img and img2img
     from ldm.generate import make_sampler
+    from ldm.models.diffusion.k_sampling import make_sigmas
     sampler = make_sampler("dpm_2", tiny_model)
     denoiser = sampler.denoiser(None)
-    full = sampler.sigmas_for(5, denoiser)
-    assert torch.equal(sampler.without_next_to_last(full), torch.cat([full[:-2], full[-1:]]))
-    assert sampler.discard_next_to_last_sigma and not make_sampler("euler", tiny_model).discard_next_to_last_sigma
+    six = make_sigmas("karras", 6, denoiser)
+    expected = torch.cat([six[:5], six[6:]])
+    assert sampler.schedule == "karras" and torch.equal(sampler.sigmas_for(5, denoiser), expected)
+    assert torch.equal(sampler.img2img_sigmas(5, 0.6, denoiser), expected[2:])
+    assert not make_sampler("euler", tiny_model).discard_next_to_last_sigma
+    assert len(make_sampler("euler", tiny_model).sigmas_for(5, denoiser)) == 6
 
 
 def test_img2img_with_a_sigma_sampler(tiny_model):

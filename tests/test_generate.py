@@ -129,11 +129,21 @@ def test_img2img_strength_limits_run(tiny_model, strength):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(strength=1.5), "strength must be from 0.0 to 1.0"),
     (dict(strength=-0.1), "strength must be from 0.0 to 1.0"),
-    (dict(sampler="plms"), "partial schedule.*does not work with PLMS"),
 ])
 def test_img2img_impossible_settings(tiny_model, kwargs, message):
     with pytest.raises(UserError, match=message):
         img2img(tiny_model, init_image(), "x", **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("sampler, like", [("plms", "ddim"), ("dpm", "euler")])
+def test_img2img_with_plms_and_dpm_solver(tiny_model, sampler, like):
+    # both start part-way down their schedule; at strength 0, PLMS keeps the image as DDIM does (noised
+    # to the first DDIM timestep) and DPM-Solver++ as the sigma samplers do (the latent itself)
+    kept = img2img(tiny_model, init_image(64, 64), "x", strength=0.0, sampler=sampler, **FAST)
+    ddim_kept = img2img(tiny_model, init_image(64, 64), "x", strength=0.0, sampler=like, **FAST)
+    changed = img2img(tiny_model, init_image(64, 64), "x", strength=0.6, sampler=sampler, **FAST)
+    assert np.array_equal(np.asarray(kept[0]), np.asarray(ddim_kept[0]))
+    assert not np.array_equal(np.asarray(changed[0]), np.asarray(kept[0]))
 
 
 def test_img2img_init_too_small(tiny_model):
@@ -169,3 +179,18 @@ def test_emphasis_changes_the_image_and_none_reads_brackets_as_text(tiny_model):
     plain = _arrays(txt2img(tiny_model, "a cat", **settings))
     assert any((a != b).any() for a, b in zip(weighted, literal))
     assert any((a != b).any() for a, b in zip(weighted, plain))
+
+
+def test_prompt_editing_switches_prompts_during_sampling(tiny_model):
+    from ldm.generate import Sampling, text_conditioning
+    settings = dict(steps=4, n_samples=1, seed=3, progress=False)
+    edited = _arrays(txt2img(tiny_model, "a [cat:dog:2]", **settings))
+    cat, dog = _arrays(txt2img(tiny_model, "a cat", **settings)), _arrays(txt2img(tiny_model, "a dog", **settings))
+    assert (edited[0] != cat[0]).any() and (edited[0] != dog[0]).any()
+    # the same text on both sides of an edit is the plain prompt, bit for bit
+    same = _arrays(txt2img(tiny_model, "a [cat:cat:2]", **settings))
+    assert (same[0] == cat[0]).all()
+    # the negative prompt takes the syntax too, and img2img spreads an edit over the steps it runs
+    c, uc = text_conditioning(tiny_model, ["a cat"], Sampling(negative_prompt="[x|y]", steps=10), strength=0.4)
+    assert len(uc) == 4 and torch.equal(uc.at(0), uc.at(2)) and not torch.equal(uc.at(0), uc.at(1))
+    assert c.is_constant

@@ -135,9 +135,13 @@ def test_blend_inpaint_latent_mask_covers_every_repainted_pixel(tiny_model, monk
     assert keep.shape == (8, 8) and keep[2, 1] == 0 and keep.sum() == 63
 
 
-def test_blend_inpaint_refuses_dpm(tiny_model):
-    with pytest.raises(UserError, match="DDIM or PLMS"):
-        gv.inpaint(tiny_model, rgb(16, 16), box_mask(16, 16, (0, 0, 8, 8)), "a", sampler="dpm", **STEPS)
+@pytest.mark.parametrize("sampler", ["dpm", "plms", "dpmpp_2m"])
+def test_blend_inpaint_with_other_samplers(tiny_model, sampler):
+    image = rgb(16, 16, seed=2)
+    out = gv.inpaint(tiny_model, image, box_mask(16, 16, (0, 0, 8, 8)), "a", sampler=sampler, **STEPS)
+    a, o = np.asarray(image), np.asarray(out[0])
+    assert np.array_equal(o[8:], a[8:]) and np.array_equal(o[:, 8:], a[:, 8:])
+    assert not np.array_equal(o[:8, :8], a[:8, :8])
 
 
 @pytest.fixture(scope="module")

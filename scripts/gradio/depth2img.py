@@ -8,7 +8,6 @@ unless a depth image (white = near) is uploaded.
 """
 import sys
 
-from ldm.models.diffusion.samplers import PARTIAL_SCHEDULE_SAMPLERS
 from webui import demo_page, image_input, page_handler, require_image, result_gallery, sampling_controls, serve
 
 FAMILIES = ("depth",)
@@ -28,7 +27,7 @@ def make_generate(model, args):
 def build(args, model):
     def inputs(gr):
         image = image_input(gr)
-        controls = sampling_controls(gr, model, args, scale=9.0, samplers=PARTIAL_SCHEDULE_SAMPLERS)
+        controls = sampling_controls(gr, model, args, scale=9.0)
         strength = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Strength (0 keeps the image)")
         depth_map = image_input(gr, "Depth map (optional; white = near)")
         return [*controls, image, strength, depth_map]

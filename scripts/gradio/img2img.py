@@ -6,7 +6,6 @@ Serves on http://127.0.0.1:7860 by default; without --ckpt/--config it uses the 
 """
 import sys
 
-from ldm.models.diffusion.samplers import PARTIAL_SCHEDULE_SAMPLERS
 from webui import demo_page, image_input, page_handler, require_image, result_gallery, sampling_controls, serve
 
 FAMILIES = ("txt2img",)
@@ -25,7 +24,7 @@ def make_generate(model, args):
 def build(args, model):
     def inputs(gr):
         image = image_input(gr)
-        controls = sampling_controls(gr, model, args, samplers=PARTIAL_SCHEDULE_SAMPLERS)
+        controls = sampling_controls(gr, model, args)
         strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Strength (0 keeps the image)")
         return [*controls, image, strength]
     return demo_page("Image to image", "The image is shrunk to a multiple of 64 pixels per side.", inputs,

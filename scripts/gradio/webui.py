@@ -64,9 +64,9 @@ def model_defaults(args):
     return SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
 
 
-def sampling_controls(gr, model, args, scale=None, prompt=None, samplers=None):
+def sampling_controls(gr, model, args, scale=None, prompt=None):
     """Prompt, negative prompt, steps, guidance scale, seed, number of images, sampler and schedule
-    type (A1111's names), in that order. ``samplers``: the sampler ids offered (default all)."""
+    type (A1111's names), in that order."""
     from ldm.models.diffusion.samplers import DISPLAY_NAMES, SAMPLERS, SCHEDULE_LABELS
     defaults = model_defaults(args)
     controls = [gr.Textbox(label="Prompt", value=defaults["prompt"] if prompt is None else prompt, lines=2),
@@ -78,7 +78,7 @@ def sampling_controls(gr, model, args, scale=None, prompt=None, samplers=None):
                       label="Guidance scale"),
             gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
             gr.Slider(1, 4, value=1, step=1, label="Images"),
-            gr.Dropdown([DISPLAY_NAMES[n] for n in (samplers or SAMPLERS)], value="DDIM", label="Sampler"),
+            gr.Dropdown([DISPLAY_NAMES[n] for n in SAMPLERS], value="DDIM", label="Sampler"),
             gr.Dropdown(["Automatic", *SCHEDULE_LABELS.values()], value="Automatic", label="Schedule type"),
         ]
     return controls

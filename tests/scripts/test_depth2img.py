@@ -59,7 +59,6 @@ def test_given_depth_map_is_the_one_written(scripts, depth_files, tmp_path, init
     ([], "the following arguments are required: --init-img"),
     (["--init-img", "missing.png"], "init image 'missing.png' does not exist"),
     (["--init-img", "{init}", "--strength", "1.5"], "--strength must be from 0.0 to 1.0"),
-    (["--init-img", "{init}", "--plms"], "cannot sample with PLMS"),
     (["--init-img", "{init}", "--depth-map", "none.png"], "depth map 'none.png' does not exist"),
 ])
 def test_impossible_flags(scripts, depth_files, tmp_path, capsys, init_png, flags, message):

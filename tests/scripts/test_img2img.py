@@ -51,8 +51,6 @@ def test_img2img_in_process_numbering_continues(scripts, tiny_files, tmp_path, i
 @pytest.mark.parametrize("flags, message", [
     (["--init-img", "missing.png"], "init image 'missing.png' does not exist"),
     ([], "the following arguments are required: --init-img"),
-    (["--init-img", "{init}", "--plms"], "cannot sample with PLMS"),
-    (["--init-img", "{init}", "--dpm"], "cannot sample with DPM-Solver++"),
     (["--init-img", "{init}", "--strength", "-0.5"], "--strength must be from 0.0 to 1.0"),
     (["--init-img", "{init}", "--n_iter", "0"], "--n_iter must be at least 1"),
     (["--init-img", "{bad}"], "cannot be read"),

@@ -64,7 +64,6 @@ def test_inpainting_model_and_outpaint(scripts, inpaint_files, tmp_path, inputs,
     (["--init-img", "{init}", "--outpaint", "1,2,3"], "--outpaint takes four whole numbers"),
     (["--init-img", "{init}", "--outpaint", "0,0,-8,0"], "--outpaint takes four whole numbers"),
     (["--init-img", "{init}", "--mask", "{bad}"], "cannot be read"),
-    (["--init-img", "{init}", "--mask", "{mask}", "--dpm"], "DDIM or PLMS"),
 ])
 def test_impossible_flags(scripts, tiny_files, tmp_path, capsys, inputs, flags, message):
     inpaint = scripts.load("inpaint")

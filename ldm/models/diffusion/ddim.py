@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from ldm.errors import UserError
 from ldm.models.diffusion import schedule
-from ldm.models.diffusion.guidance import GuidedModel
+from ldm.models.diffusion.guidance import GuidedModel, conditioning_at
 from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
 
@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 def _check_batch(conditioning, batch_size):
     if conditioning is None:
         return
+    conditioning = conditioning_at(conditioning, 0)
     if isinstance(conditioning, dict):
         conditioning = next(iter(conditioning.values()))
     while isinstance(conditioning, list):
@@ -133,6 +134,7 @@ class DDIMSampler:
             index = total_steps - i - 1
             ts = torch.full((b,), int(step), device=self.device, dtype=torch.long)
             img = self._keep_known(img, ts, mask, x0)
+            guided.step = i
             img, pred_x0 = self._step(guided, img, ts, index, use_original_steps=ddim_use_original_steps,
                                       temperature=temperature, noise_dropout=noise_dropout)
             self._report(i, index, total_steps, img, pred_x0, intermediates, callback, img_callback, log_every_t)
@@ -219,6 +221,7 @@ class DDIMSampler:
         for i, step in enumerate(tqdm(time_range, desc="Decoding image", total=total_steps, disable=not progress)):
             index = total_steps - i - 1
             ts = torch.full((x_latent.shape[0],), int(step), device=x_latent.device, dtype=torch.long)
+            guided.step = i
             x_dec, _ = self._step(guided, x_dec, ts, index, use_original_steps=use_original_steps)
             if callback:
                 callback(i)

@@ -6,6 +6,11 @@ be a tensor, a list of tensors, or a dict of lists (``c_concat`` / ``c_crossattn
 ``eps_and_x0`` turns the raw output of an eps- or v-model into (eps, x0), so update rules never
 look at the parameterisation. ``guidance_rescale`` (Lin et al. 2023) tempers the guided output's
 scale: see :func:`rescale_guidance`.
+
+Prompt editing and alternation make the conditioning change over the steps: a
+``ScheduledConditioning`` anywhere in ``cond``/``uncond`` is resolved to the tensor of the sampler's
+current step, ``GuidedModel.step``, which every sampler sets as it advances (0 for its first step;
+the extra evaluations of a second-order step belong to that step).
 """
 import torch
 
@@ -20,6 +25,16 @@ def _cat_conditioning(uncond, cond):
     if isinstance(cond, list):
         return [_cat_conditioning(u, c) for u, c in zip(uncond, cond)]
     return torch.cat([uncond, cond])
+
+
+def conditioning_at(cond, step):
+    """``cond`` with every ``ScheduledConditioning`` in it replaced by its tensor for step ``step``."""
+    if isinstance(cond, dict):
+        return {k: conditioning_at(v, step) for k, v in cond.items()}
+    if isinstance(cond, list):
+        return [conditioning_at(c, step) for c in cond]
+    at = getattr(cond, "at", None)
+    return at(step) if at is not None else cond
 
 
 def rescale_guidance(guided, cond, phi):
@@ -50,6 +65,7 @@ class GuidedModel:
         self.score_corrector = score_corrector
         self.corrector_kwargs = corrector_kwargs or {}
         self.guidance_rescale = guidance_rescale
+        self.step = 0
 
     @property
     def parameterization(self):
@@ -61,10 +77,12 @@ class GuidedModel:
 
     def __call__(self, x, t):
         """Guided raw model output (eps or v) for ``x`` [B, ...] at timesteps ``t`` [B] (int or float)."""
+        cond = conditioning_at(self.cond, self.step)
         if not self.guided:
-            return self.model.apply_model(x, t, self.cond)
+            return self.model.apply_model(x, t, cond)
         # [2B, ...]: unconditional half first
-        out = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), _cat_conditioning(self.uncond, self.cond))
+        uncond = conditioning_at(self.uncond, self.step)
+        out = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), _cat_conditioning(uncond, cond))
         out_uncond, out_cond = out.chunk(2)
         guided = out_uncond + self.scale * (out_cond - out_uncond)
         if self.guidance_rescale == 0:
@@ -83,6 +101,7 @@ class GuidedModel:
         if self.score_corrector is not None:
             if self.parameterization != "eps":
                 raise NotImplementedError("score correctors expect an eps-model")
-            eps = self.score_corrector.modify_score(self.model, eps, x, t, self.cond, **self.corrector_kwargs)
+            eps = self.score_corrector.modify_score(self.model, eps, x, t, conditioning_at(self.cond, self.step),
+                                                    **self.corrector_kwargs)
             x0 = schedule.x0_from_eps(x, eps, a, s)
         return eps, x0

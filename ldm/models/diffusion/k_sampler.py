@@ -60,8 +60,13 @@ class KDiffusionSampler:
         return DiscreteDenoiser(guided, finite_alphas_cumprod(self.model.alphas_cumprod), mask=mask, x0=x0)
 
     def sigmas_for(self, steps, denoiser):
-        """The sigmas [n + 1] of a ``steps``-step run (the user's list, if one was given, whatever ``steps``)."""
+        """The sigmas [n + 1] of a ``steps``-step run (the user's list, if one was given, whatever ``steps``).
+
+        With ``discard_next_to_last_sigma`` the schedule is made for ``steps + 1`` and loses its
+        next-to-last sigma, for txt2img and img2img alike, as A1111 does."""
         if self.user_sigmas is None:
+            if self.discard_next_to_last_sigma:
+                return self.without_next_to_last(make_sigmas(self.schedule, steps + 1, denoiser, self.device))
             return make_sigmas(self.schedule, steps, denoiser, self.device)
         if steps != len(self.user_sigmas) - 1:
             logger.info("sampling the %d steps of the given sigmas, not %s", len(self.user_sigmas) - 1, steps)
@@ -117,10 +122,7 @@ class KDiffusionSampler:
         _check_batch(conditioning, batch_size)
         denoiser = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale, mask, x0,
                                  guidance_rescale)
-        if self.discard_next_to_last_sigma and self.user_sigmas is None:
-            sigmas = self.without_next_to_last(self.sigmas_for(S + 1, denoiser))
-        else:
-            sigmas = self.sigmas_for(S, denoiser)
+        sigmas = self.sigmas_for(S, denoiser)
         size = (batch_size, *shape)
         x_T = torch.randn(size, device=self.device) if x_T is None else x_T.to(self.device)
         samples = self._run(denoiser, x_T * sigmas[0], sigmas, callback, img_callback, progress)

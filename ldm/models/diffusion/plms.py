@@ -55,11 +55,14 @@ class PLMSSampler(DDIMSampler):
 
     @torch.no_grad()
     def plms_sampling(self, guided, shape, x_T=None, callback=None, mask=None, x0=None, img_callback=None,
-                      log_every_t=100, temperature=1., noise_dropout=0., progress=True):
+                      log_every_t=100, temperature=1., noise_dropout=0., progress=True, t_start=None):
+        """PLMS from ``x_T`` over the schedule's timesteps, or over its first ``t_start`` of them
+        (from the ``t_start``-th DDIM step down: the img2img partial schedule)."""
         b = shape[0]
         img = torch.randn(shape, device=self.device) if x_T is None else x_T.to(self.device)
-        time_range = np.flip(self.ddim_timesteps)
-        total_steps = self.ddim_timesteps.shape[0]
+        timesteps = self.ddim_timesteps if t_start is None else self.ddim_timesteps[:t_start]
+        time_range = np.flip(timesteps)
+        total_steps = timesteps.shape[0]
         intermediates = {"x_inter": [img], "pred_x0": [img]}
         old_eps = []
         for i, step in enumerate(tqdm(time_range, desc="PLMS Sampler", total=total_steps, disable=not progress)):
@@ -68,6 +71,7 @@ class PLMSSampler(DDIMSampler):
             ts_next = torch.full((b,), int(time_range[min(i + 1, len(time_range) - 1)]), device=self.device,
                                  dtype=torch.long)
             img = self._keep_known(img, ts, mask, x0)
+            guided.step = i
             img, pred_x0, e_t = self._plms_step(guided, img, ts, ts_next, index, old_eps, temperature, noise_dropout)
             old_eps.append(e_t)
             if len(old_eps) >= 4:
@@ -101,3 +105,16 @@ class PLMSSampler(DDIMSampler):
             e_prime = multistep_eps(e_t, old_eps)
         x_prev, pred_x0 = ddim_update(e_prime)
         return x_prev, pred_x0, e_t
+
+    @torch.no_grad()
+    def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
+               use_original_steps=False, callback=None, progress=True, guidance_rescale=0.):
+        """img2img as ``DDIMSampler.decode``: denoise ``x_latent`` (``stochastic_encode``d to DDIM step
+        ``t_start``) with PLMS steps; the history starts afresh with a pseudo improved-Euler step."""
+        if use_original_steps:
+            raise NotImplementedError("PLMS decodes over the DDIM timesteps of make_schedule only")
+        guided = GuidedModel(self.model, cond, unconditional_conditioning, unconditional_guidance_scale,
+                             guidance_rescale=guidance_rescale)
+        samples, _ = self.plms_sampling(guided, tuple(x_latent.shape), x_T=x_latent, progress=progress,
+                                        callback=callback, t_start=t_start)
+        return samples

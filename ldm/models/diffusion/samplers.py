@@ -70,8 +70,6 @@ SCHEDULE_ALIASES = {"uniform": "normal", "ays": "align_your_steps"}
 # Samplers whose update draws fresh noise scaled by eta (Song et al. 2021, eq. 16); for the
 # others an eta would be silently ignored, so it is refused instead.
 TAKES_ETA = ("ddim",)
-# Samplers that can start part-way down their schedule from a noised latent (img2img strength).
-PARTIAL_SCHEDULE_SAMPLERS = ("ddim",) + tuple(i.name for i in SAMPLER_INFO if i.uses_sigmas)
 
 
 def _key(text):

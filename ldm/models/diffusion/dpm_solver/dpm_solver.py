@@ -95,12 +95,16 @@ class DPMSolverPP:
         phi = _bcast(alpha_t * (torch.exp(-h) - 1.), x)
         return _bcast(ns.marginal_std(t) / ns.marginal_std(t_prev_0), x) * x - phi * x0_prev_0 - 0.5 * phi * d1
 
-    def sample(self, x, steps, order=2, lower_order_final=True, callback=None, progress_iter=None):
-        t_0 = 1. / self.ns.total_N
-        t_T = self.ns.T
-        timesteps = torch.linspace(t_T, t_0, steps + 1, device=x.device)
-        if steps < order:
-            raise ValueError(f"DPM-Solver needs at least {order} steps")
+    def time_grid(self, steps, device=None):
+        """The ``steps + 1`` times of a full run: uniform from T (the last training timestep) to 1/N."""
+        return torch.linspace(self.ns.T, 1. / self.ns.total_N, steps + 1, device=device)
+
+    def sample(self, x, steps, order=2, lower_order_final=True, callback=None, progress_iter=None, t_start=None):
+        """``steps`` steps from ``x`` at time ``t_start`` (default T) to 1/N, uniform in time. The
+        warm-up makes the first step first order, so one step is enough."""
+        timesteps = self.time_grid(steps, x.device)
+        if t_start is not None:
+            timesteps = torch.linspace(float(t_start), float(timesteps[-1]), steps + 1, device=x.device)
         steps_iter = progress_iter(range(1, steps + 1)) if progress_iter else range(1, steps + 1)
         t_list = [timesteps[0].expand(1)]
         x0_list = [self.model_fn(x, timesteps[0])]

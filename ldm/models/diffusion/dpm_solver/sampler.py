@@ -43,8 +43,8 @@ class DPMSolverSampler:
         if timestep_spacing is not None:
             raise UserError(f"DPM-Solver steps uniformly in time from the last timestep and takes no "
                             f"timestep_spacing (got {timestep_spacing!r}); spacings apply to DDIM and PLMS")
-        if mask is not None:
-            raise NotImplementedError("DPM-Solver does not support mask/x0 blending; use DDIM for inpainting")
+        if mask is not None and x0 is None:
+            raise UserError("mask needs x0 (the known latent)")
         if self.zero_terminal_snr:
             schedule.check_prediction_at_zero_snr(
                 self.model.parameterization, self.alphas_cumprod, [len(self.alphas_cumprod) - 1], "DPM-Solver",
@@ -54,18 +54,56 @@ class DPMSolverSampler:
         img = torch.randn(size, device=self.device) if x_T is None else x_T.to(self.device)
         guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
                              score_corrector, corrector_kwargs, guidance_rescale=guidance_rescale)
+        x = self._solve(guided, img, S, order, callback, progress, mask=mask, known=x0)
+        return x.to(self.device), None
+
+    def _solve(self, guided, x, steps, order=2, callback=None, progress=True, t_start=None, mask=None, known=None):
+        """``steps`` solver steps from ``x``; where ``mask`` is 1 every data prediction is replaced by
+        ``known`` (inpainting by blending, as the sigma samplers do), so the run ends on it exactly."""
+        evaluations = 0
+
+        def blend(x0):
+            return x0 if mask is None else mask * known + (1 - mask) * x0
 
         def data_fn(x, t_model, alpha_t, sigma_t):
+            nonlocal evaluations
+            # multistep: exactly one evaluation per step, at the step's start (prompt editing's step index)
+            guided.step = evaluations
+            evaluations += 1
             a, s = alpha_t.reshape(-1, 1, 1, 1), sigma_t.reshape(-1, 1, 1, 1)
             eps, x0 = guided.eps_and_x0(x, t_model, a, s)
             if self.zero_terminal_snr:
                 # near alpha_bar = 0, (x - s eps) / a would amplify rounding by 1 / a (~4500)
-                return x0
+                return blend(x0)
             # eps first, then x0 from it: the official wrapper converts v to eps and the solver eps to x0
-            return schedule.x0_from_eps(x, eps, a, s)
+            return blend(schedule.x0_from_eps(x, eps, a, s))
 
         solver = DPMSolverPP(data_fn, self.noise_schedule())
-        progress_iter = (lambda it: tqdm(it, desc="DPM-Solver++", total=S)) if progress else None
-        x = solver.sample(img, steps=S, order=order, lower_order_final=True, callback=callback,
-                          progress_iter=progress_iter)
-        return x.to(self.device), None
+        progress_iter = (lambda it: tqdm(it, desc="DPM-Solver++", total=steps)) if progress else None
+        return solver.sample(x, steps=steps, order=order, lower_order_final=True, callback=callback,
+                             progress_iter=progress_iter, t_start=t_start)
+
+    @torch.no_grad()
+    def sample_img2img(self, S, init_latent, strength, conditioning, unconditional_guidance_scale=1.0,
+                       unconditional_conditioning=None, noise=None, progress=True, callback=None,
+                       guidance_rescale=0., order=2):
+        """Re-draw ``init_latent`` [B, C, H, W]: noise it to the time int(strength * S) steps before the
+        end of the S-step time grid and solve those steps (strength 0 returns ``init_latent``)."""
+        if not 0.0 <= strength <= 1.0:
+            raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
+        steps = int(strength * S)
+        if steps == 0:
+            return init_latent
+        ns = self.noise_schedule()
+        t_start = DPMSolverPP(None, ns).time_grid(S)[S - steps].reshape(1)
+        if self.zero_terminal_snr and strength == 1.0:
+            schedule.check_prediction_at_zero_snr(
+                self.model.parameterization, self.alphas_cumprod, [len(self.alphas_cumprod) - 1], "DPM-Solver",
+                advice="use a v-prediction model, or a strength below 1")
+        noise = torch.randn_like(init_latent) if noise is None else noise.to(init_latent)
+        alpha, sigma = (v.to(init_latent).reshape(1, 1, 1, 1) for v in (ns.marginal_alpha(t_start),
+                                                                          ns.marginal_std(t_start)))
+        guided = GuidedModel(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
+                             guidance_rescale=guidance_rescale)
+        return self._solve(guided, alpha * init_latent + sigma * noise, steps, order, callback, progress,
+                           t_start=t_start)

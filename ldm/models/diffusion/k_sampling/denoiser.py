@@ -19,6 +19,14 @@ import torch
 from ldm.errors import UserError
 
 
+def set_step(denoiser, i):
+    """Tell ``denoiser`` that its next evaluations belong to sampling step ``i`` (its conditioning may
+    change over the steps: prompt editing); a plain function as denoiser is left alone."""
+    hook = getattr(denoiser, "set_step", None)
+    if hook is not None:
+        hook(i)
+
+
 class DiscreteDenoiser:
     """D(x; sigma) for ``guided`` (a ``GuidedModel``: the CFG-combined eps or v output for (x_t, t)).
 
@@ -40,6 +48,9 @@ class DiscreteDenoiser:
         self.log_sigmas = self.model_sigmas.log()
         self.mask = mask
         self.x0 = x0
+
+    def set_step(self, i):
+        self.guided.step = i
 
     @property
     def num_timesteps(self):

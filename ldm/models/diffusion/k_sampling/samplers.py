@@ -26,6 +26,7 @@ import math
 from numpy.polynomial import Polynomial
 from tqdm import trange
 
+from .denoiser import set_step
 from .noise import BrownianTreeNoise, GaussianNoise, draw_seed
 from .unipc import sample_unipc_bh1, sample_unipc_bh2
 
@@ -35,8 +36,12 @@ def _floats(sigmas):
     return [float(s) for s in sigmas]
 
 
-def _steps(sig, progress, name):
-    return trange(len(sig) - 1, desc=name, disable=not progress)
+def _steps(denoiser, sig, progress, name):
+    """The step indices of a run over ``sig``, each announced to ``denoiser`` before its evaluations:
+    the second evaluation of a second-order step belongs to the step, not to the next one."""
+    for i in trange(len(sig) - 1, desc=name, disable=not progress):
+        set_step(denoiser, i)
+        yield i
 
 
 def _report(callback, x, i, sigma, sigma_hat, denoised):
@@ -92,7 +97,7 @@ def sample_euler(denoiser, x, sigmas, *, callback=None, progress=True, noise=Non
     second-order correction left out; deterministic at ``s_churn`` = 0)."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "Euler"):
+    for i in _steps(denoiser, sig, progress, "Euler"):
         x, sigma_hat = _churn(x, sig[i], len(sig) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, sigma_hat)
         _report(callback, x, i, sig[i], sigma_hat, denoised)
@@ -106,7 +111,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, callback=None, progress=True,
     on the Karras ODE with the ancestral noise of DDPM (Ho et al. 2020, Algorithm 2)."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "Euler ancestral"):
+    for i in _steps(denoiser, sig, progress, "Euler ancestral"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
@@ -122,7 +127,7 @@ def sample_heun(denoiser, x, sigmas, *, callback=None, progress=True, noise=None
     x' = x + d dt, then x <- x + (d + d(x', sigma_next)) / 2 dt; an Euler step into sigma = 0."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "Heun"):
+    for i in _steps(denoiser, sig, progress, "Heun"):
         x, sigma_hat = _churn(x, sig[i], len(sig) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, sigma_hat)
         _report(callback, x, i, sig[i], sigma_hat, denoised)
@@ -152,7 +157,7 @@ def sample_dpm_2(denoiser, x, sigmas, *, callback=None, progress=True, noise=Non
     """DPM-Solver-2 steps (``_dpm_2_step``), churn as Karras et al. Algorithm 2; Euler into sigma = 0."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "DPM2"):
+    for i in _steps(denoiser, sig, progress, "DPM2"):
         x, sigma_hat = _churn(x, sig[i], len(sig) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, sigma_hat)
         _report(callback, x, i, sig[i], sigma_hat, denoised)
@@ -169,7 +174,7 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, callback=None, progress=True,
     """DPM-Solver-2 step to sigma_down, then noise of std sigma_up (``ancestral_step``)."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "DPM2 ancestral"):
+    for i in _steps(denoiser, sig, progress, "DPM2 ancestral"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
@@ -201,7 +206,7 @@ def sample_lms(denoiser, x, sigmas, *, callback=None, progress=True, order=4):
     x <- x + sum_j c_j d_{i-j}, c_j = ``lms_coefficient`` (Hairer, Norsett & Wanner, Solving ODEs I, III.1)."""
     sig = _floats(sigmas)
     derivatives = []  # newest last
-    for i in _steps(sig, progress, "LMS"):
+    for i in _steps(denoiser, sig, progress, "LMS"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         derivatives = (derivatives + [to_d(x, sig[i], denoised)])[-order:]
@@ -217,7 +222,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None, progress=True):
     first-order on the first step and into sigma = 0."""
     sig = _floats(sigmas)
     old_denoised, h_last = None, None
-    for i in _steps(sig, progress, "DPM++ 2M"):
+    for i in _steps(denoiser, sig, progress, "DPM++ 2M"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         if sig[i + 1] == 0:
@@ -241,7 +246,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, callback=None, progress=Tr
     std sigma_up (``ancestral_step``)."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "DPM++ 2S ancestral"):
+    for i in _steps(denoiser, sig, progress, "DPM++ 2S ancestral"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
@@ -265,7 +270,7 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, callback=None, progress=True, noise
     sig = _floats(sigmas)
     noise = _brownian(x, sig, noise)
     fac = 1 / (2 * r)
-    for i in _steps(sig, progress, "DPM++ SDE"):
+    for i in _steps(denoiser, sig, progress, "DPM++ SDE"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         if sig[i + 1] == 0:
@@ -294,7 +299,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, callback=None, progress=True, no
     sig = _floats(sigmas)
     noise = _brownian(x, sig, noise)
     old_denoised, h_last = None, None
-    for i in _steps(sig, progress, "DPM++ 2M SDE"):
+    for i in _steps(denoiser, sig, progress, "DPM++ 2M SDE"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         if sig[i + 1] == 0:
@@ -327,7 +332,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, callback=None, progress=True, no
     noise = _brownian(x, sig, noise)
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
-    for i in _steps(sig, progress, "DPM++ 3M SDE"):
+    for i in _steps(denoiser, sig, progress, "DPM++ 3M SDE"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         if sig[i + 1] == 0:
@@ -361,7 +366,7 @@ def sample_ddpm(denoiser, x, sigmas, *, callback=None, progress=True, noise=None
     q(x_{t-1} | x_t, x0 = D) of eq. 6-7 (mean mu~, variance beta~), then scale back to sigma form."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "DDPM"):
+    for i in _steps(denoiser, sig, progress, "DDPM"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         ab, ab_next = 1 / (1 + sig[i] ** 2), 1 / (1 + sig[i + 1] ** 2)
@@ -380,7 +385,7 @@ def sample_lcm(denoiser, x, sigmas, *, callback=None, progress=True, noise=None)
     the estimate D, then re-noise it to the next level, x <- D + sigma_next z."""
     sig = _floats(sigmas)
     noise = GaussianNoise(x) if noise is None else noise
-    for i in _steps(sig, progress, "LCM"):
+    for i in _steps(denoiser, sig, progress, "LCM"):
         denoised = denoiser(x, sig[i])
         _report(callback, x, i, sig[i], sig[i], denoised)
         x = denoised

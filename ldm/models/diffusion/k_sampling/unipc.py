@@ -23,6 +23,8 @@ import math
 import numpy as np
 from tqdm import trange
 
+from .denoiser import set_step
+
 
 def _order_conditions(h, offsets, order, variant):
     """(R, b, B_h) of the order conditions for data prediction: R[m, k] = r_k^m, b_m = (m + 1)! hh
@@ -74,6 +76,7 @@ def _unipc_step(denoiser, x, estimates, sigmas_prev, sigma, order, variant, use_
 def _sample_unipc(denoiser, x, sigmas, variant, *, callback=None, progress=True, order=3, lower_order_final=True):
     sig = [float(s) for s in sigmas]
     n_steps = len(sig) - 1
+    set_step(denoiser, 0)
     estimates, sigmas_prev = [denoiser(x, sig[0])], [sig[0]]
     for i in trange(n_steps, desc=f"UniPC ({variant})", disable=not progress):
         if callback is not None:
@@ -83,6 +86,8 @@ def _sample_unipc(denoiser, x, sigmas, variant, *, callback=None, progress=True,
             continue
         step_order = min(order, len(estimates), n_steps - i if lower_order_final else order)
         last = i == n_steps - 1
+        # the corrector's evaluation at sigma_{i+1} is the next step's estimate: it belongs to step i + 1
+        set_step(denoiser, i + 1)
         x, estimate = _unipc_step(denoiser, x, estimates, sigmas_prev, sig[i + 1], step_order, variant,
                                   use_corrector=not last)
         if not last:
