@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ldm.data.shapes_describe import describe  # noqa: F401  (public here: reads images back)
+from ldm.data.shapes_describe import describe, describe_pair  # noqa: F401  (public here: reads images back)
+from ldm.data.shapes_pairs import (pair_caption, pair_prompt_set, parse_pair_prompt,  # noqa: F401
+                                   render_pair, sample_pair)
 from ldm.data.shapes_vocabulary import (ATTRIBUTES, BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, EXTENT_RANGE,
                                         POSITIONS, SHAPES, SIZES, VOCABULARY, shape_reach)
 from ldm.errors import UserError
@@ -238,10 +240,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     so it is identical in every process and for any number of data-loader workers. Items are dicts
     ``{image_key: image, caption_key: caption, attributes_key: attributes}``; set
     ``attributes_key=None`` to leave the attributes out.
+
+    ``pair_fraction``: the share of two-shape scenes (:mod:`ldm.data.shapes_pairs`), whose
+    attributes are a scene dict. Their keys differ from a single shape's, which batching cannot
+    mix, so with scenes the default ``attributes_key`` ("auto") leaves attributes out of items;
+    :meth:`example` still gives them.
     """
 
     def __init__(self, split="train", size=64, length=10000, seed=0, image_key="image",
-                 caption_key="caption", attributes_key="attributes"):
+                 caption_key="caption", attributes_key="auto", pair_fraction=0.0):
         if split not in SPLIT_IDS:
             raise UserError(f"shapes split must be one of {', '.join(SPLIT_IDS)}, got {split!r}")
         if int(length) < 1:
@@ -249,6 +256,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         if int(seed) < 0:
             raise UserError(f"shapes dataset seed must be a non-negative integer, got {seed}")
         _check_size(size)
+        if not 0.0 <= float(pair_fraction) <= 1.0:
+            raise UserError(f"shapes pair_fraction must be from 0 to 1, got {pair_fraction}")
+        self.pair_fraction = float(pair_fraction)
+        if attributes_key == "auto":
+            attributes_key = None if self.pair_fraction else "attributes"
         self.split = split
         self.size = int(size)
         self.length = int(length)
@@ -264,14 +276,22 @@ class ShapesDataset(torch.utils.data.Dataset):
         # Seeded by integers only (no str hash, which is salted per process).
         return np.random.default_rng([self.seed, SPLIT_IDS[self.split], int(index)])
 
+    def _draw_attributes(self, rng):
+        """(attributes, is a two-shape scene): the generator's first draws."""
+        if self.pair_fraction and rng.random() < self.pair_fraction:
+            return sample_pair(rng, TRAIN_PAIRS if self.split == "train" else ALL_PAIRS), True
+        return sample_attributes(rng, self.split), False
+
     def attributes(self, index):
-        """Attributes of item ``index`` without drawing it (they are the generator's first draws)."""
-        return sample_attributes(self._rng(index), self.split)
+        """Attributes of item ``index`` without drawing it: a single shape's, or a scene dict."""
+        return self._draw_attributes(self._rng(index))[0]
 
     def example(self, index):
         """``(attributes, PIL image, caption)`` of item ``index``."""
         rng = self._rng(index)
-        attributes = sample_attributes(rng, self.split)
+        attributes, is_pair = self._draw_attributes(rng)
+        if is_pair:
+            return attributes, render_pair(attributes, self.size, rng), pair_caption(attributes, rng)
         image = render(attributes, self.size, rng)
         return attributes, image, caption_for(attributes, rng)
 

@@ -239,3 +239,30 @@ def describe(image):
         position=_position(*stats["centroid"]),
     )
     return result
+
+
+def describe_pair(image):
+    """What a two-shape scene shows: ``{"background", "left", "right"}``, each side a dict(colour, shape)
+    or ``None`` when no shape stands out in that half.
+
+    Each half is read alone by :func:`describe`, with the other half painted in the background colour,
+    so a shape drawn across the middle is read as two halves of a shape (and counts as wrong), and a
+    colour on the wrong shape is seen as such. A side's shape must also lie in its half: its centroid
+    on that side of the middle.
+    """
+    rgb = np.asarray(_to_pil(image), dtype=np.float32) / 255
+    ring = np.concatenate([rgb[:BORDER].reshape(-1, 3), rgb[-BORDER:].reshape(-1, 3),
+                           rgb[:, :BORDER].reshape(-1, 3), rgb[:, -BORDER:].reshape(-1, 3)])
+    background_rgb = np.median(ring, axis=0)
+    result = {"background": _nearest(background_rgb, BACKGROUND_RGB)}
+    middle = SIDE // 2
+    for side, blank in (("left", np.s_[:, middle:]), ("right", np.s_[:, :middle])):
+        half = rgb.copy()
+        half[blank] = background_rgb
+        stats = measure(half)
+        if "area" not in stats or (stats["centroid"][0] < 0.5) != (side == "left"):
+            result[side] = None
+            continue
+        result[side] = {"colour": _nearest(stats["shape_rgb"], COLOUR_RGB),
+                        "shape": min(stats["misfit"], key=stats["misfit"].get)}
+    return result

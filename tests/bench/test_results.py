@@ -72,7 +72,7 @@ def test_shapes_fidelity_refuses_an_existing_out_before_loading_a_model(bench, c
 def test_shapes_fidelity_on_the_tiny_model_records_weights_and_command(bench, tiny_files, tmp_path, committed):
     fidelity = bench.load("shapes_fidelity")
     small = ["--ckpt", str(tiny_files.ckpt), "--config", str(tiny_files.config), "--prompts", "18",
-             "--seeds", "0", "--steps", "1", "--batch", "18"]
+             "--pair-prompts", "6", "--seeds", "0", "--steps", "1", "--batch", "18"]
     assert fidelity.main(small) == 0
     (written,) = (tmp_path / "results").iterdir()                  # a new file, not a committed one
     assert written.name.startswith("shapes_fidelity-")
@@ -81,7 +81,9 @@ def test_shapes_fidelity_on_the_tiny_model_records_weights_and_command(bench, ti
     assert result["model"]["ckpt_sha256"] == hashlib.sha256(tiny_files.ckpt.read_bytes()).hexdigest()
     assert result["model"]["config_sha256"] == hashlib.sha256(tiny_files.config.read_bytes()).hexdigest()
     assert result["model"]["config"] == str(tiny_files.config)    # outside the repo: absolute
-    assert result["settings"]["images"] == 18 and result["overall"]["colour"]["n"] == 18
+    assert result["settings"]["images"] == 24 and result["overall"]["colour"]["n"] == 18
+    assert result["scenes"]["overall"]["both shapes"]["n"] == 6 and result["scenes"]["overall"]["background"]["n"] == 3
+    assert result["settings"]["sampler"] == "ddim" and result["settings"]["scale"] == 7.5   # not the shipped model
     assert fidelity.main([*small, "--out", str(committed), "--force"]) == 0
     assert json.loads(committed.read_text())["command"].endswith(f"--out {committed} --force")
 
