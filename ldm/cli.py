@@ -303,6 +303,9 @@ def prepare(args):
     prompts = read_prompts(args)
     model = load_model_for(args)
     check_latent_flags(args, model)
+    if args.spacing is None:   # recorded as used: a zero-terminal-SNR model samples DDIM/PLMS on trailing steps
+        from ldm.generate import Sampling, timestep_spacing
+        args.spacing = timestep_spacing(model, Sampling(sampler=args.sampler))
     return model, prompts
 
 

@@ -217,11 +217,22 @@ def max_batch(prompts, n_samples):
     return max(len(b) for b in batches(prompts, n_samples))
 
 
-def _schedule_options(sampling):
+def timestep_spacing(model, sampling):
+    """DDIM/PLMS timesteps: the asked spacing; else "trailing" for a zero-terminal-SNR model, whose
+    last timestep is the only pure-noise one (Lin et al. 2023, sec. 3.3), and None (the sampler's
+    own, official "leading") for the others."""
+    if sampling.timestep_spacing is not None or sampling.sampler not in ("ddim", "plms"):
+        return sampling.timestep_spacing
+    from ldm.models.diffusion.schedule import has_zero_terminal_snr
+    return "trailing" if has_zero_terminal_snr(model.alphas_cumprod) else None
+
+
+def _schedule_options(sampling, model):
     """Sampler options that are passed only when set, so a sampler without them never sees them."""
     options = {}
-    if sampling.timestep_spacing is not None:
-        options["timestep_spacing"] = sampling.timestep_spacing
+    spacing = timestep_spacing(model, sampling)
+    if spacing is not None:
+        options["timestep_spacing"] = spacing
     if sampling.guidance_rescale:
         options["guidance_rescale"] = sampling.guidance_rescale
     return options
@@ -229,7 +240,7 @@ def _schedule_options(sampling):
 
 def sample(sampler, sampling, cond, uncond, shape, **extra):
     """One guided sampling run of ``sampler`` from noise (``x_T`` and blending in ``extra``)."""
-    extra = {**_schedule_options(sampling), **extra}
+    extra = {**_schedule_options(sampling, sampler.model), **extra}
     samples, _ = sampler.sample(S=sampling.steps, conditioning=cond, batch_size=shape[0],
                                 shape=list(shape[1:]), verbose=False, eta=sampling.eta,
                                 unconditional_guidance_scale=sampling.scale,
@@ -244,7 +255,7 @@ def sample_from_latent(sampler, sampling, init_latent, strength, cond, uncond):
     have their own ``sample_img2img``; DDIM and PLMS noise to a DDIM step and ``decode`` from there."""
     steps, n = sampling.steps, init_latent.shape[0]
     uncond = uncond if sampling.scale != 1.0 else None
-    options = _schedule_options(sampling)
+    options = _schedule_options(sampling, sampler.model)
     if hasattr(sampler, "sample_img2img"):
         return sampler.sample_img2img(steps, init_latent, strength, cond, unconditional_guidance_scale=sampling.scale,
                                       unconditional_conditioning=uncond, progress=sampling.progress, **options)

@@ -194,3 +194,18 @@ def test_prompt_editing_switches_prompts_during_sampling(tiny_model):
     c, uc = text_conditioning(tiny_model, ["a cat"], Sampling(negative_prompt="[x|y]", steps=10), strength=0.4)
     assert len(uc) == 4 and torch.equal(uc.at(0), uc.at(2)) and not torch.equal(uc.at(0), uc.at(1))
     assert c.is_constant
+
+
+def test_zero_terminal_snr_models_sample_ddim_on_trailing_steps(tiny, tiny_model):
+    from ldm.generate import Sampling, timestep_spacing
+    zero_snr = tiny.build(tiny.config(parameterization="v", rescale_betas_zero_snr=True), seed=1)
+    assert timestep_spacing(zero_snr, Sampling(sampler="ddim")) == "trailing"
+    assert timestep_spacing(zero_snr, Sampling(sampler="plms")) == "trailing"
+    assert timestep_spacing(zero_snr, Sampling(sampler="ddim", timestep_spacing="leading")) == "leading"
+    assert timestep_spacing(zero_snr, Sampling(sampler="euler")) is None
+    assert timestep_spacing(tiny_model, Sampling(sampler="ddim")) is None
+    trailing = txt2img(zero_snr, "a cat", steps=3, seed=1, progress=False, timestep_spacing="trailing")
+    default = txt2img(zero_snr, "a cat", steps=3, seed=1, progress=False)
+    leading = txt2img(zero_snr, "a cat", steps=3, seed=1, progress=False, timestep_spacing="leading")
+    assert np.array_equal(np.asarray(default[0]), np.asarray(trailing[0]))
+    assert not np.array_equal(np.asarray(default[0]), np.asarray(leading[0]))
