@@ -17,8 +17,8 @@ EXIT_USER_ERROR = 2
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"
 # Defaults when the flags are not given: the shipped shapes model was tuned for fewer steps and a
 # lower guidance scale than the official checkpoints (see bench/shapes_fidelity.py).
-SHIPPED_DEFAULTS = {"prompt": "a red circle on a white background", "steps": 25, "scale": 4.0}
-OFFICIAL_DEFAULTS = {"prompt": DEFAULT_PROMPT, "steps": 50, "scale": 7.5}
+SHIPPED_DEFAULTS = {"prompt": "a red circle on a white background", "steps": 25, "scale": 4.0, "sampler": "DDIM"}
+OFFICIAL_DEFAULTS = {"prompt": DEFAULT_PROMPT, "steps": 50, "scale": 7.5, "sampler": "DDIM"}
 
 
 def uses_shipped_model(ckpt=None, config=None):
@@ -34,9 +34,8 @@ def default_scale(ckpt=None, config=None):
 
 def fill_model_defaults(args):
     """Fill --prompt/--steps/--scale left unset with the defaults of the model being used."""
-    defaults = SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
-    for name, value in defaults.items():
-        if name == "prompt" and getattr(args, "from_file", None) is not None:
+    for name, value in model_defaults(args).items():
+        if name == "sampler" or (name == "prompt" and getattr(args, "from_file", None) is not None):
             continue
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -92,7 +91,8 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sampler", type=str, default=None,
                        help="sampler by its web-UI name, case-insensitive: " + ", ".join(
-                           DISPLAY_NAMES[n] for n in SAMPLERS) + " (default DDIM)")
+                           DISPLAY_NAMES[n] for n in SAMPLERS) + f" (default: {SHIPPED_DEFAULTS['sampler']} with the shipped "
+                       f"model, {OFFICIAL_DEFAULTS['sampler']} otherwise)")
     for name in SAMPLER_FLAGS:   # the official scripts' spelling of two of them
         group.add_argument(f"--{name}", action="store_true", help=f"the same as --sampler {DISPLAY_NAMES[name]}")
     add("--schedule", type=str, default=None,
@@ -183,10 +183,16 @@ def check_common_args(args):
     return args
 
 
+def model_defaults(args):
+    """The defaults of the model the flags name: the shipped model's, or the official scripts'."""
+    return SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
+
+
 def resolve_sampler_flags(args):
-    """Turn --sampler/--plms/--dpm, --schedule and --sigmas into the library's ids (in place)."""
+    """Turn --sampler/--plms/--dpm, --schedule and --sigmas into the library's ids (in place); without
+    a sampler flag, the model's default sampler."""
     sampler, combined_schedule = resolve_sampler(args.sampler or next(
-        (name for name in SAMPLER_FLAGS if getattr(args, name, False)), "ddim"))
+        (name for name in SAMPLER_FLAGS if getattr(args, name, False)), model_defaults(args)["sampler"]))
     schedule = resolve_schedule(args.schedule) if args.schedule is not None else combined_schedule
     schedule = None if schedule == AUTOMATIC else schedule
     if args.sigmas is not None:

@@ -10,8 +10,7 @@ has ``make_generate(model, args)`` (its handler, built with :func:`page_handler`
 import functools
 import inspect
 
-from ldm.cli import (OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, ArgumentParser, load_model_for, run, setup_logging,
-                     uses_shipped_model)
+from ldm.cli import ArgumentParser, load_model_for, model_defaults, run, setup_logging, uses_shipped_model
 from ldm.errors import UserError
 from ldm.generate import MAX_SEED
 
@@ -60,10 +59,6 @@ def load_model(args, families, example=None):
     return model
 
 
-def model_defaults(args):
-    return SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS
-
-
 def sampling_controls(gr, model, args, scale=None, prompt=None):
     """Prompt, negative prompt, steps, guidance scale, seed, number of images, sampler and schedule
     type (A1111's names), in that order."""
@@ -78,7 +73,7 @@ def sampling_controls(gr, model, args, scale=None, prompt=None):
                       label="Guidance scale"),
             gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
             gr.Slider(1, 4, value=1, step=1, label="Images"),
-            gr.Dropdown([DISPLAY_NAMES[n] for n in SAMPLERS], value="DDIM", label="Sampler"),
+            gr.Dropdown([DISPLAY_NAMES[n] for n in SAMPLERS], value=defaults["sampler"], label="Sampler"),
             gr.Dropdown(["Automatic", *SCHEDULE_LABELS.values()], value="Automatic", label="Schedule type"),
         ]
     return controls
