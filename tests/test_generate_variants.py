@@ -201,6 +201,8 @@ def test_upscale_blends_tiles_back_into_place(upscale_model, monkeypatch):
     """With a sampler that returns its start noise and a decoder that repeats pixels, the tiled result
     must be the start noise of the whole image, whatever the tiling."""
     class Echo:
+        model = upscale_model
+
         def sample(self, S, conditioning, batch_size, shape, x_T, **kwargs):
             assert conditioning["c_concat"][0].shape[-2:] == x_T.shape[-2:] == tuple(shape[1:])
             return x_T, None
