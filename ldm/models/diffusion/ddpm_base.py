@@ -68,6 +68,12 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
     ``rescale_betas_zero_snr`` (default False) rescales the beta schedule to zero terminal SNR
     (Lin et al. 2023, Algorithm 1: alpha_bar_T = 0, alpha_bar_1 unchanged); it needs a v- (or
     x0-) model, and samplers must reach the last timestep (``timestep_spacing`` "trailing").
+
+    Training options beyond the official ones: ``offset_noise_strength`` adds ``strength`` times one
+    normal draw per sample and channel to the training noise (offset noise, Guttenberg 2023; diffusers'
+    ``noise_offset``), so that the model learns to change an image's mean; ``snr_gamma`` weights
+    each sample's loss by min(SNR, gamma) over the weight its parameterisation already gives SNR
+    (Min-SNR-gamma, Hang et al. 2023: / SNR for eps, / (SNR + 1) for v, 1 for x0; 5 in the paper).
     """
 
     def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
@@ -77,7 +83,7 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
                  use_positional_encodings=False, learn_logvar=False, logvar_init=0., make_it_fit=False,
                  ucg_training=None, reset_ema=False, reset_num_ema_updates=False, ema_decay=0.9999,
-                 rescale_betas_zero_snr=False):
+                 rescale_betas_zero_snr=False, offset_noise_strength=0.0, snr_gamma=None):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise UserError(f"parameterization {parameterization!r} is not supported (use eps, x0 or v)")
@@ -86,6 +92,12 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
             # x0 = (x_T - eps) / 0 is undefined (Lin et al. 2023, sec. 3.2)
             raise UserError("rescale_betas_zero_snr needs parameterization 'v' (or 'x0'): at zero terminal "
                             "SNR an eps-prediction model cannot give x0 at the last timestep")
+        if offset_noise_strength < 0:
+            raise UserError(f"offset_noise_strength must be 0 or more, got {offset_noise_strength}")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise UserError(f"snr_gamma must be positive (5 in the Min-SNR paper), got {snr_gamma}")
+        self.offset_noise_strength = float(offset_noise_strength)
+        self.snr_gamma = snr_gamma
         self.parameterization = parameterization
         # zero terminal SNR (Lin et al. 2023); the schedule buffers are derived from it, so loaders
         # keep the model's own (see ldm.model_markers.derived_schedule_keys)
@@ -261,8 +273,30 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
             return x_start
         return self.get_v(x_start, noise, t)
 
+    def training_noise(self, x_start):
+        """The noise of a training step: N(0, I), plus the offset noise when it is on."""
+        noise = torch.randn_like(x_start)
+        if self.offset_noise_strength:
+            offset = torch.randn(*x_start.shape[:2], *([1] * (x_start.ndim - 2)), device=x_start.device,
+                                 dtype=x_start.dtype)
+            noise = noise + self.offset_noise_strength * offset
+        return noise
+
+    def loss_weights(self, t):
+        """Per-sample loss weights [B] at timesteps ``t``: ones, or Min-SNR-gamma's (see the class docstring)."""
+        if self.snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        alpha_bar = self.alphas_cumprod[t].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.parameterization == "eps":
+            return clipped / snr
+        if self.parameterization == "v":
+            return clipped / (snr + 1)
+        return clipped
+
     def p_losses(self, x_start, t, noise=None):
-        noise = default(noise, lambda: torch.randn_like(x_start))
+        noise = default(noise, lambda: self.training_noise(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_out = self.model(x_noisy, t)
         return self.loss_from_output(model_out, x_start, noise, t)
@@ -272,6 +306,7 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
         prefix = "train" if self.training else "val"
         target = self.training_target(x_start, noise, t)
         per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, target.ndim)))
+        per_sample = per_sample * self.loss_weights(t).to(per_sample)
         loss_dict = {f"{prefix}/loss_simple": per_sample.mean()}
         logvar_t = self.logvar[t].to(per_sample.device)
         loss = per_sample / torch.exp(logvar_t) + logvar_t

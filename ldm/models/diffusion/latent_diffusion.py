@@ -173,7 +173,7 @@ class LatentDiffusion(DDPM):
 
     # ------------------------------------------------------------------ training
     def p_losses(self, x_start, cond, t, noise=None):
-        noise = default(noise, lambda: torch.randn_like(x_start))
+        noise = default(noise, lambda: self.training_noise(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
         return self.loss_from_output(model_output, x_start, noise, t)

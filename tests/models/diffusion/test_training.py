@@ -220,3 +220,44 @@ def test_log_images_uses_the_empty_prompt_as_unconditional(tiny, monkeypatch):
     monkeypatch.setattr(model, "get_learned_conditioning", lambda c: seen.append(c) or original(c))
     image_logging.unconditional_conditioning(model, 3)
     assert seen == [["", "", ""]]
+
+
+# ---------------------------------------------------------------------------------- offset noise, Min-SNR
+def test_offset_noise_shifts_each_sample_and_channel(tiny):
+    plain, offset = (tiny.build(tiny.config(offset_noise_strength=s)) for s in (0.0, 0.5))
+    x = torch.zeros(256, 4, 16, 16)
+    torch.manual_seed(0)
+    reference = torch.randn_like(x)
+    torch.manual_seed(0)
+    assert torch.equal(plain.training_noise(x), reference)          # off: the official N(0, I)
+    noise = offset.training_noise(x)
+    means = noise.mean(dim=(2, 3))                                   # [B, C]: 1/256 + 0.25 in variance
+    assert means.var().item() == pytest.approx(0.25 + 1 / 256, rel=0.15)
+    assert (noise - means[..., None, None]).std().item() == pytest.approx(1.0, rel=0.02)
+    with pytest.raises(UserError, match="offset_noise_strength"):
+        tiny.build(tiny.config(offset_noise_strength=-0.1))
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v", "x0"])
+def test_min_snr_weights(tiny, parameterization):
+    model = tiny.build(tiny.config(parameterization=parameterization, snr_gamma=5.0))
+    t = torch.tensor([0, 200, 500, 999])
+    alpha_bar = model.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = {"eps": expected / snr, "v": expected / (snr + 1), "x0": expected}[parameterization]
+    torch.testing.assert_close(model.loss_weights(t).double(), expected, rtol=1e-5, atol=0)
+    assert torch.equal(tiny.build(tiny.config(parameterization=parameterization)).loss_weights(t), torch.ones(4))
+    # the loss is the weighted per-sample loss
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    out = torch.randn(4, 4, 8, 8)
+    loss, logged = model.loss_from_output(out, x0, noise, t)
+    per_sample = ((model.training_target(x0, noise, t) - out) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(logged["val/loss_simple"], (per_sample * model.loss_weights(t)).mean())
+    with pytest.raises(UserError, match="snr_gamma"):
+        tiny.build(tiny.config(snr_gamma=0))
+
+
+def test_min_snr_gives_the_zero_snr_step_no_weight(tiny):
+    model = tiny.build(tiny.config(parameterization="v", rescale_betas_zero_snr=True, snr_gamma=5.0))
+    assert model.loss_weights(torch.tensor([999])).item() == 0.0
