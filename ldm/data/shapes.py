@@ -20,13 +20,12 @@ import re
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from ldm.data.shapes_describe import describe, describe_pair  # noqa: F401  (public here: reads images back)
 from ldm.data.shapes_pairs import (pair_caption, pair_prompt_set, parse_pair_prompt,  # noqa: F401
                                    render_pair, sample_pair)
-from ldm.data.shapes_vocabulary import (ATTRIBUTES, BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, EXTENT_RANGE,
-                                        POSITIONS, SHAPES, SIZES, VOCABULARY, shape_reach)
+from ldm.data.shapes_vocabulary import (ATTRIBUTES, BACKGROUNDS, COLOURS, EXTENT_RANGE, POSITIONS, SHAPES, SIZES,
+                                        VOCABULARY, draw_shapes, shape_reach, with_article)
 from ldm.errors import UserError
 
 # (colour, shape) pairs that the training split never shows.
@@ -48,7 +47,6 @@ OFFSET_RANGE = (0.19, 0.23)
 CROSS_JITTER = 0.03
 # Shapes stay this far from the image border, so the border shows only background.
 MARGIN = 0.05
-SUPERSAMPLE = 4
 
 SPLIT_IDS = {"train": 0, "validation": 1}
 
@@ -101,29 +99,13 @@ def render(attributes, size=64, rng=None):
     _check_attributes(attributes)
     _check_size(size)
     cx, cy, extent = shape_geometry(attributes, rng)
-    side = int(size) * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), BACKGROUND_RGB[attributes["background"]])
-    pen = ImageDraw.Draw(canvas)
-    fill = COLOUR_RGB[attributes["colour"]]
-    left, right, up, down = (r * side for r in shape_reach(attributes["shape"], extent))
-    x, y = cx * side, cy * side
-    if attributes["shape"] == "circle":
-        pen.ellipse([x - left, y - up, x + right, y + down], fill=fill)
-    elif attributes["shape"] == "square":
-        pen.rectangle([x - left, y - up, x + right, y + down], fill=fill)
-    else:
-        pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], fill=fill)
-    return canvas.reduce(SUPERSAMPLE)
-
-
-def _with_article(words):
-    article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article] + words)
+    return draw_shapes(size, attributes["background"],
+                       [(attributes["shape"], attributes["colour"], cx, cy, extent)])
 
 
 def _caption(attributes, include):
     words = [attributes[key] for key in ("size", "colour") if key in include]
-    caption = _with_article(words + [attributes["shape"]])
+    caption = with_article(words + [attributes["shape"]])
     if "position" in include:
         caption += " " + POSITION_PHRASES[attributes["position"]]
     if "background" in include:

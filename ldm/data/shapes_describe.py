@@ -119,6 +119,18 @@ def _dilate(mask, steps):
     return outer
 
 
+def _border_colour(rgb):
+    """Median colour of the ``BORDER``-pixel ring around ``rgb`` [H, W, 3] (shapes keep off the border)."""
+    ring = np.concatenate([rgb[:BORDER].reshape(-1, 3), rgb[-BORDER:].reshape(-1, 3),
+                           rgb[:, :BORDER].reshape(-1, 3), rgb[:, -BORDER:].reshape(-1, 3)])
+    return np.median(ring, axis=0)
+
+
+def _colour_and_shape(stats):
+    """Nearest palette colour and best-fitting shape of ``measure``'s statistics of a shape."""
+    return _nearest(stats["shape_rgb"], COLOUR_RGB), min(stats["misfit"], key=stats["misfit"].get)
+
+
 def _shape_mask(rgb, background_rgb):
     distance = np.linalg.norm(rgb - background_rgb, axis=-1)
     seed = distance > SEED_DISTANCE
@@ -182,9 +194,7 @@ def measure(image):
     # The hard mask comes from a median-filtered copy (noise specks gone, edges kept); coverage,
     # area and centroid use the unfiltered pixels, where noise averages out.
     smooth = np.asarray(pil.filter(ImageFilter.MedianFilter(3)), dtype=np.float32) / 255
-    ring = np.concatenate([rgb[:BORDER].reshape(-1, 3), rgb[-BORDER:].reshape(-1, 3),
-                           rgb[:, :BORDER].reshape(-1, 3), rgb[:, -BORDER:].reshape(-1, 3)])
-    background_rgb = np.median(ring, axis=0)
+    background_rgb = _border_colour(rgb)
     stats = {"background_rgb": background_rgb}
     mask = _shape_mask(smooth, background_rgb)
     if mask is None:
@@ -230,10 +240,10 @@ def describe(image):
               "background": _nearest(stats["background_rgb"], BACKGROUND_RGB)}
     if "area" not in stats:
         return result
-    shape = min(stats["misfit"], key=stats["misfit"].get)
+    colour, shape = _colour_and_shape(stats)
     extent = np.sqrt(stats["area"] / IDEAL_FILL[shape])
     result.update(
-        colour=_nearest(stats["shape_rgb"], COLOUR_RGB),
+        colour=colour,
         shape=shape,
         size="large" if extent >= LARGE_FROM else "small",
         position=_position(*stats["centroid"]),
@@ -251,9 +261,7 @@ def describe_pair(image):
     on that side of the middle.
     """
     rgb = np.asarray(_to_pil(image), dtype=np.float32) / 255
-    ring = np.concatenate([rgb[:BORDER].reshape(-1, 3), rgb[-BORDER:].reshape(-1, 3),
-                           rgb[:, :BORDER].reshape(-1, 3), rgb[:, -BORDER:].reshape(-1, 3)])
-    background_rgb = np.median(ring, axis=0)
+    background_rgb = _border_colour(rgb)
     result = {"background": _nearest(background_rgb, BACKGROUND_RGB)}
     middle = SIDE // 2
     for side, blank in (("left", np.s_[:, middle:]), ("right", np.s_[:, :middle])):
@@ -263,6 +271,6 @@ def describe_pair(image):
         if "area" not in stats or (stats["centroid"][0] < 0.5) != (side == "left"):
             result[side] = None
             continue
-        result[side] = {"colour": _nearest(stats["shape_rgb"], COLOUR_RGB),
-                        "shape": min(stats["misfit"], key=stats["misfit"].get)}
+        colour, shape = _colour_and_shape(stats)
+        result[side] = {"colour": colour, "shape": shape}
     return result

@@ -11,9 +11,8 @@ The held-out (colour, shape) pairs of the single-shape data stay out of training
 import re
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from ldm.data.shapes_vocabulary import BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, SHAPES, shape_reach
+from ldm.data.shapes_vocabulary import BACKGROUNDS, COLOURS, SHAPES, draw_shapes, with_article
 from ldm.errors import UserError
 
 SIDES = ("left", "right")
@@ -22,7 +21,6 @@ SIDES = ("left", "right")
 PAIR_EXTENT_RANGE = (0.24, 0.32)
 PAIR_OFFSET_RANGE = (0.21, 0.25)
 PAIR_VERTICAL_JITTER = 0.08
-SUPERSAMPLE = 4
 
 
 def _check_scene(scene):
@@ -61,25 +59,12 @@ def pair_geometry(obj, rng=None):
 def render_pair(scene, size=64, rng=None):
     """Draw a two-shape scene (``PIL.Image``, RGB, ``size`` x ``size``), antialiased as :func:`render`."""
     _check_scene(scene)
-    side = int(size) * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), BACKGROUND_RGB[scene["background"]])
-    pen = ImageDraw.Draw(canvas)
-    for obj in scene["objects"]:
-        cx, cy, extent = pair_geometry(obj, rng)
-        left, right, up, down = (r * side for r in shape_reach(obj["shape"], extent))
-        x, y, fill = cx * side, cy * side, COLOUR_RGB[obj["colour"]]
-        if obj["shape"] == "circle":
-            pen.ellipse([x - left, y - up, x + right, y + down], fill=fill)
-        elif obj["shape"] == "square":
-            pen.rectangle([x - left, y - up, x + right, y + down], fill=fill)
-        else:
-            pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], fill=fill)
-    return canvas.reduce(SUPERSAMPLE)
+    placed = [(obj["shape"], obj["colour"], *pair_geometry(obj, rng)) for obj in scene["objects"]]
+    return draw_shapes(size, scene["background"], placed)
 
 
 def _object_phrase(obj):
-    article = "an" if obj["colour"][0] in "aeiou" else "a"
-    return f"{article} {obj['colour']} {obj['shape']} on the {obj['position']}"
+    return f"{with_article([obj['colour'], obj['shape']])} on the {obj['position']}"
 
 
 def pair_caption(scene, rng_or_full=True):

@@ -3,8 +3,11 @@ size ranges and the outline of each shape.
 
 Shared by the dataset that draws the words (:mod:`ldm.data.shapes`) and the reader that recovers
 them from pixels (:mod:`ldm.data.shapes_describe`); both import this module and not each other.
-Geometry is in fractions of the image side.
+Geometry is in fractions of the image side. :func:`draw_shapes` is the one drawing routine of the
+one- and two-shape scenes.
 """
+from PIL import Image, ImageDraw
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 BACKGROUNDS = ("white", "black", "gray")
@@ -37,3 +40,32 @@ def shape_reach(shape, extent):
         # Apex up: the centroid sits 2/3 of the height below the apex.
         return half, half, 2 * extent / 3, extent / 3
     return half, half, half, half
+
+
+# Shapes are drawn this many times larger and box-downsampled: antialiased edges.
+SUPERSAMPLE = 4
+
+
+def draw_shapes(size, background, shapes):
+    """A ``size`` x ``size`` RGB image of the ``background`` colour (a name) with ``shapes`` drawn in
+    order, each ``(shape, colour, cx, cy, extent)``: names, the centroid and the bounding-box extent
+    in fractions of the side."""
+    side = int(size) * SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side), BACKGROUND_RGB[background])
+    pen = ImageDraw.Draw(canvas)
+    for shape, colour, cx, cy, extent in shapes:
+        left, right, up, down = (r * side for r in shape_reach(shape, extent))
+        x, y, fill = cx * side, cy * side, COLOUR_RGB[colour]
+        if shape == "circle":
+            pen.ellipse([x - left, y - up, x + right, y + down], fill=fill)
+        elif shape == "square":
+            pen.rectangle([x - left, y - up, x + right, y + down], fill=fill)
+        else:
+            pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], fill=fill)
+    return canvas.reduce(SUPERSAMPLE)
+
+
+def with_article(words):
+    """``words`` joined after "a" or "an" as the first word needs."""
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article] + list(words))
