@@ -135,9 +135,9 @@ def sampling_settings(args, ckpt, config):
     from ldm.models.diffusion.samplers import resolve_sampler, resolve_schedule
     defaults = SHIPPED_DEFAULTS if uses_shipped_model(ckpt, config) else OFFICIAL_DEFAULTS
     sampler, combined = resolve_sampler(args.sampler or defaults.get("sampler", "ddim"))
-    schedule = resolve_schedule(args.schedule) if args.schedule else combined or defaults.get("schedule")
+    schedule = resolve_schedule(args.schedule) if args.schedule else combined
     settings = {"sampler": sampler, "schedule": None if schedule == "automatic" else schedule,
-                "timestep_spacing": args.spacing or defaults.get("spacing"),
+                "timestep_spacing": args.spacing,
                 "steps": args.steps or defaults["steps"],
                 "scale": args.scale if args.scale is not None else defaults["scale"]}
     if sampler not in ("ddim", "plms"):

@@ -289,12 +289,9 @@ def generation_kwargs(args):
 
 def image_parameters(args, **extra):
     """What each PNG's ``parameters`` text records (prompt and size are added per image)."""
+    from ldm.generate import Sampling, sampled_steps
     sampler, schedule = sampler_label(args.sampler, args.schedule, args.sigmas)
-    if args.sigmas is not None:
-        from ldm.models.diffusion.k_sampling import sigmas_from_list
-        steps = len(sigmas_from_list(args.sigmas)) - 1
-    else:
-        steps = args.steps
+    steps = sampled_steps(Sampling(steps=args.steps, sigmas=args.sigmas))
     return dict(negative_prompt=args.negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
                 scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
                 eta=args.ddim_eta or None, clip_skip=args.clip_skip if (args.clip_skip or 1) > 1 else None,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.image_io import images_to_tensor, tensor_to_images
-from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler, schedule_for  # noqa: F401
+from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler, check_strength, schedule_for  # noqa: F401
 from ldm.models.diffusion.samplers import make_sampler as _make_sampler
 
 log = logging.getLogger(__name__)
@@ -323,11 +323,6 @@ def resize_to_multiple(image, multiple=64):
                     w, h, new_w, new_h, multiple)
         image = image.resize((new_w, new_h), resample=Image.LANCZOS)
     return image
-
-
-def check_strength(strength):
-    if not 0.0 <= strength <= 1.0:
-        raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
 
 
 def img2img(model, init_image, prompts, *, strength=0.75, **sampling):

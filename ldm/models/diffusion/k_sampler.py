@@ -14,6 +14,7 @@ import torch
 from ldm.errors import UserError
 from ldm.models.diffusion.ddim import _check_batch
 from ldm.models.diffusion.guidance import GuidedModel
+from ldm.models.diffusion.samplers import check_strength
 from ldm.models.diffusion.schedule import finite_alphas_cumprod
 from ldm.models.diffusion.k_sampling import (
     K_SAMPLERS,
@@ -81,8 +82,7 @@ class KDiffusionSampler:
 
     def img2img_sigmas(self, steps, strength, denoiser):
         """The last int(strength * n) steps of the n-step schedule: sigmas [int(strength * n) + 1]."""
-        if not 0.0 <= strength <= 1.0:
-            raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
+        check_strength(strength)
         sigmas = self.sigmas_for(steps, denoiser)
         n = len(sigmas) - 1
         return sigmas[n - int(strength * n):]

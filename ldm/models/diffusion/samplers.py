@@ -109,6 +109,12 @@ def check_sampler(name):
         raise UserError(f"unknown sampler '{name}'; use one of {', '.join(SAMPLERS)}")
 
 
+def check_strength(strength):
+    """img2img strength: the share of the schedule to re-run, 0 (keep the image) to 1 (from noise)."""
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
+
+
 def check_eta(sampler, eta):
     """Refuse an eta the sampler would not use (negative, or non-zero for a deterministic sampler)."""
     if eta < 0:

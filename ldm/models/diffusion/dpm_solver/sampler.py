@@ -12,7 +12,7 @@ from ldm.errors import UserError
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import _check_batch
 from ldm.models.diffusion.guidance import GuidedModel
-from ldm.models.diffusion.samplers import check_eta
+from ldm.models.diffusion.samplers import check_eta, check_strength
 
 from .dpm_solver import DPMSolverPP, NoiseScheduleVP
 
@@ -89,8 +89,7 @@ class DPMSolverSampler:
                        guidance_rescale=0., order=2):
         """Re-draw ``init_latent`` [B, C, H, W]: noise it to the time int(strength * S) steps before the
         end of the S-step time grid and solve those steps (strength 0 returns ``init_latent``)."""
-        if not 0.0 <= strength <= 1.0:
-            raise UserError(f"strength must be from 0.0 to 1.0, got {strength}")
+        check_strength(strength)
         steps = int(strength * S)
         if steps == 0:
             return init_latent
