@@ -145,29 +145,14 @@ def sampling_settings(args, ckpt, config):
     return settings
 
 
-def _main(argv):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        out = results_path(args.out, args.force, "shapes_fidelity")   # refused before minutes of work
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from ldm.checkpoint import load_model, resolve_paths
+def measure(model, settings, singles, scenes, seeds, batch):
+    """Sample every prompt once per seed with ``settings`` and score what ``describe`` reads back."""
     from ldm.generate import txt2img
-
-    settings = sampling_settings(args, args.ckpt, args.config)
-    config, ckpt = resolve_paths(args.config, args.ckpt)
-    model = load_model(config, ckpt, device="cpu")
-    singles = prompt_set(args.prompts, seed=0)
-    scenes = pair_prompt_set(ALL_PAIRS, args.pair_prompts) if args.pair_prompts else []
     held_out = {f"{c} {s}" for c, s in HELD_OUT_PAIRS}
-
     records, scene_records, seconds = [], [], 0.0
-    for seed in args.seeds:
+    for seed in seeds:
         start = time.perf_counter()
-        images = txt2img(model, singles + scenes, seed=seed, n_samples=args.batch, progress=False,
+        images = txt2img(model, singles + scenes, seed=seed, n_samples=batch, progress=False,
                          **{k: v for k, v in settings.items() if v is not None})
         seconds += time.perf_counter() - start
         for prompt, image in zip(singles, images):
@@ -175,12 +160,10 @@ def _main(argv):
         for prompt, image in zip(scenes, images[len(singles):]):
             scene_records.append({**read_scene(prompt, image, held_out), "seed": seed})
 
-    run_settings = {**settings, "seeds": args.seeds, "prompts": len(singles), "pair_prompts": len(scenes),
-                    "images": len(records) + len(scene_records), "batch": args.batch,
+    run_settings = {**settings, "seeds": list(seeds), "prompts": len(singles), "pair_prompts": len(scenes),
+                    "images": len(records) + len(scene_records), "batch": batch,
                     "threads": torch.get_num_threads()}
     result = {
-        "command": shlex.join(["python", "bench/shapes_fidelity.py", *argv]),
-        "model": model_record(config, ckpt),
         "settings": run_settings,
         "seconds_per_image": seconds / run_settings["images"],
         "seen_pairs": score([r for r in records if not r["held_out"]]),
@@ -193,6 +176,29 @@ def _main(argv):
                             "with_held_out": score_scenes([r for r in scene_records if r["held_out"]]),
                             "overall": score_scenes(scene_records)}
         result["scene_failures"] = [r for r in scene_records if not all(r["correct"].values())][:50]
+    return result
+
+
+def _main(argv):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        out = results_path(args.out, args.force, "shapes_fidelity")   # refused before minutes of work
+    except FileExistsError as err:
+        raise UserError(str(err)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ldm.checkpoint import load_model, resolve_paths
+
+    settings = sampling_settings(args, args.ckpt, args.config)
+    config, ckpt = resolve_paths(args.config, args.ckpt)
+    model = load_model(config, ckpt, device="cpu")
+    singles = prompt_set(args.prompts, seed=0)
+    scenes = pair_prompt_set(ALL_PAIRS, args.pair_prompts) if args.pair_prompts else []
+
+    result = {"command": shlex.join(["python", "bench/shapes_fidelity.py", *argv]),
+              "model": model_record(config, ckpt),
+              **measure(model, settings, singles, scenes, args.seeds, args.batch)}
     print_table(result)
     print()
     write_results(out, result)

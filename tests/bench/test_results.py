@@ -103,3 +103,27 @@ def test_unet_step_refuses_an_existing_out(committed):
     assert result.stderr.splitlines() == [
         f"error: {committed} exists; pass --force to replace it, or leave out --out to write a new file"]
     assert committed.read_text() == '{"the": "committed numbers"}'
+
+
+def test_shapes_defaults_picks_the_fewest_steps_within_tolerance(bench):
+    defaults = bench.load("shapes_defaults")
+    rows = [{"sampler": "DDIM", "steps": 10, "fidelity": 90.0}, {"sampler": "DDIM", "steps": 20, "fidelity": 96.0},
+            {"sampler": "Euler", "steps": 15, "fidelity": 95.5}, {"sampler": "Euler", "steps": 30, "fidelity": 96.4}]
+    assert defaults.pick(rows, 1.0) == rows[2]         # 15 steps at 95.5 is within a point of 96.4
+    assert defaults.pick(rows, 0.5) == rows[1]
+    assert defaults.pick(rows, 10.0) == rows[0]
+
+
+def test_shapes_defaults_on_the_tiny_model_scores_every_run(bench, tiny_files, tmp_path):
+    defaults = bench.load("shapes_defaults")
+    out = tmp_path / "defaults.json"
+    args = ["--ckpt", str(tiny_files.ckpt), "--config", str(tiny_files.config), "--samplers", "DDIM", "Euler",
+            "--steps", "2", "1", "--prompts", "18", "--pair-prompts", "6", "--batch", "24", "--out", str(out)]
+    assert defaults.main(args) == 0
+    result = json.loads(out.read_text())
+    assert [(r["sampler"], r["steps"]) for r in result["runs"]] == [("DDIM", 1), ("DDIM", 2), ("Euler", 1), ("Euler", 2)]
+    for run in result["runs"]:
+        assert run["settings"]["images"] == 24 and run["settings"]["steps"] == run["steps"]
+        assert 0 <= run["worst"] <= run["fidelity"] <= 100
+    assert result["pick"] == {k: defaults.pick(result["runs"], 1.0)[k] for k in ("sampler", "steps")}
+    assert defaults.main(args) == 2                   # the file exists now: refused without --force
