@@ -74,6 +74,9 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
     ``noise_offset``), so that the model learns to change an image's mean; ``snr_gamma`` weights
     each sample's loss by min(SNR, gamma) over the weight its parameterisation already gives SNR
     (Min-SNR-gamma, Hang et al. 2023: / SNR for eps, / (SNR + 1) for v, 1 for x0; 5 in the paper).
+    ``snr_weight_floor`` keeps those weights at or above a floor: for a v-model at zero terminal SNR
+    Min-SNR gives the noisiest steps, where layout and background are decided, almost no weight
+    (exactly 0 at t = T).
     """
 
     def __init__(self, unet_config, timesteps=1000, beta_schedule="linear", loss_type="l2", ckpt_path=None,
@@ -83,7 +86,8 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
                  l_simple_weight=1., conditioning_key=None, parameterization="eps", scheduler_config=None,
                  use_positional_encodings=False, learn_logvar=False, logvar_init=0., make_it_fit=False,
                  ucg_training=None, reset_ema=False, reset_num_ema_updates=False, ema_decay=0.9999,
-                 rescale_betas_zero_snr=False, offset_noise_strength=0.0, snr_gamma=None):
+                 rescale_betas_zero_snr=False, offset_noise_strength=0.0, snr_gamma=None,
+                 snr_weight_floor=0.0):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise UserError(f"parameterization {parameterization!r} is not supported (use eps, x0 or v)")
@@ -97,7 +101,12 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
         if snr_gamma is not None and snr_gamma <= 0:
             raise UserError(f"snr_gamma must be positive (5 in the Min-SNR paper), got {snr_gamma}")
         self.offset_noise_strength = float(offset_noise_strength)
+        if snr_weight_floor and snr_gamma is None:
+            raise UserError("snr_weight_floor bounds the Min-SNR weights from below: set snr_gamma too")
+        if not 0 <= snr_weight_floor <= 1:
+            raise UserError(f"snr_weight_floor must be between 0 and 1, got {snr_weight_floor}")
         self.snr_gamma = snr_gamma
+        self.snr_weight_floor = float(snr_weight_floor)
         self.parameterization = parameterization
         # zero terminal SNR (Lin et al. 2023); the schedule buffers are derived from it, so loaders
         # keep the model's own (see ldm.model_markers.derived_schedule_keys)
@@ -290,10 +299,12 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
         snr = alpha_bar / (1 - alpha_bar)
         clipped = snr.clamp(max=self.snr_gamma)
         if self.parameterization == "eps":
-            return clipped / snr
-        if self.parameterization == "v":
-            return clipped / (snr + 1)
-        return clipped
+            weights = clipped / snr
+        elif self.parameterization == "v":
+            weights = clipped / (snr + 1)
+        else:
+            weights = clipped
+        return weights.clamp(min=self.snr_weight_floor)
 
     def p_losses(self, x_start, t, noise=None):
         noise = default(noise, lambda: self.training_noise(x_start))

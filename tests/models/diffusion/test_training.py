@@ -261,3 +261,18 @@ def test_min_snr_weights(tiny, parameterization):
 def test_min_snr_gives_the_zero_snr_step_no_weight(tiny):
     model = tiny.build(tiny.config(parameterization="v", rescale_betas_zero_snr=True, snr_gamma=5.0))
     assert model.loss_weights(torch.tensor([999])).item() == 0.0
+
+
+def test_snr_weight_floor_bounds_min_snr_weights_from_below(tiny):
+    config = dict(parameterization="v", rescale_betas_zero_snr=True, snr_gamma=5.0)
+    plain, floored = tiny.build(tiny.config(**config)), tiny.build(tiny.config(**config, snr_weight_floor=0.1))
+    t = torch.tensor([999, 900, 500, 100, 0])
+    expected = plain.loss_weights(t).clamp(min=0.1)
+    torch.testing.assert_close(floored.loss_weights(t), expected)
+    assert floored.loss_weights(torch.tensor([999])).item() == pytest.approx(0.1)
+    above = plain.loss_weights(t) > 0.1
+    assert above.any() and torch.equal(floored.loss_weights(t)[above], plain.loss_weights(t)[above])
+    with pytest.raises(UserError, match="set snr_gamma too"):
+        tiny.build(tiny.config(parameterization="v", snr_weight_floor=0.1))
+    with pytest.raises(UserError, match="between 0 and 1"):
+        tiny.build(tiny.config(**config, snr_weight_floor=2.0))
