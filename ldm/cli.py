@@ -110,6 +110,9 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     add("--truncate-prompts", action="store_true",
         help="cut prompts at 75 tokens as the official scripts do (default: longer prompts are "
              "encoded in 75-token chunks)")
+    add("--embeddings", type=str, default=None, metavar="DIR",
+        help="textual-inversion embeddings (.pt, .bin, .safetensors, .png) in this folder; a file's "
+             "name without its suffix is its trigger word in prompts")
     add("--sigmas", type=str, default=None,
         help="the sigmas themselves, e.g. '14.6,7.0,3.1,0.5' (replaces --schedule and --steps)")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
@@ -180,6 +183,8 @@ def check_common_args(args):
         raise UserError("pass either --prompt or --from-file, not both")
     if args.from_file is not None and not Path(args.from_file).is_file():
         raise UserError(f"prompt file '{args.from_file}' does not exist")
+    if args.embeddings is not None and not Path(args.embeddings).is_dir():
+        raise UserError(f"--embeddings '{args.embeddings}' is not a folder; pass the folder of embedding files")
     return args
 
 
@@ -306,6 +311,9 @@ def prepare(args):
     prompts = read_prompts(args)
     model = load_model_for(args)
     check_latent_flags(args, model)
+    if args.embeddings is not None:
+        from ldm.modules.encoders.embeddings import use_embeddings
+        use_embeddings(model, args.embeddings)
     if args.spacing is None:   # recorded as used: a zero-terminal-SNR model samples DDIM/PLMS on trailing steps
         from ldm.generate import Sampling, timestep_spacing
         args.spacing = timestep_spacing(model, Sampling(sampler=args.sampler))

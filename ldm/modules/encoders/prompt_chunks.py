@@ -6,9 +6,10 @@ outputs are concatenated along the token axis (``ChunkedTextEncoder``). A chunk 
 ``COMMA_BACKTRACK`` tokens after a comma ends at that comma instead, and the words after the comma start
 the next chunk, so that a phrase is not split between chunks. ``BREAK`` ends a chunk early.
 
-The data structure is open to textual-inversion embeddings: a ``TokenRun`` may carry ``vectors`` that
-replace its tokens' input embeddings; such a run is never split across chunks, and the chunk records it
-as an ``EmbeddingOverride`` at its token positions.
+Textual-inversion embeddings: given ``embeddings`` (``ldm.modules.encoders.embeddings.PromptEmbeddings``),
+each trigger word in a prompt becomes a ``TokenRun`` whose ``vectors`` replace its tokens' input embeddings;
+such a run is never split across chunks, and the chunk records it as an ``EmbeddingOverride`` at its token
+positions.
 """
 import logging
 from dataclasses import dataclass, field
@@ -82,16 +83,21 @@ class _Content:
         return rest
 
 
-def prompt_runs(text, tokenizer, emphasis="original"):
+def prompt_runs(text, tokenizer, emphasis="original", embeddings=None):
     """``text`` -> ``TokenRun``s and ``CHUNK_BREAK``s. With emphasis "none" the text is taken literally.
 
-    Each emphasis segment is tokenized alone, as A1111 does (so ``(fe)male`` is "fe" + "male").
+    Each emphasis segment is tokenized alone, as A1111 does (so ``(fe)male`` is "fe" + "male"); trigger words
+    of ``embeddings`` are found within a segment and take its weight (in every emphasis mode, as in A1111).
     """
     check_emphasis(emphasis)
+
+    def runs(token_ids, weight=1.0):
+        return [TokenRun(token_ids, weight)] if embeddings is None else embeddings.runs(token_ids, weight)
+
     if emphasis == "none":
-        return [TokenRun(tokenizer.encode(text))]
-    return [CHUNK_BREAK if segment.is_break else TokenRun(tokenizer.encode(segment.text), segment.weight)
-            for segment in parse_prompt_segments(text)]
+        return runs(tokenizer.encode(text))
+    return [item for segment in parse_prompt_segments(text)
+            for item in ([CHUNK_BREAK] if segment.is_break else runs(tokenizer.encode(segment.text), segment.weight))]
 
 
 def split_into_chunks(runs, chunk_length=75, comma_id=None, comma_backtrack=COMMA_BACKTRACK):
@@ -166,14 +172,15 @@ def empty_chunk(chunk_length=75, pad_token_id=EOS_TOKEN_ID):
     return finish_chunk(_Content(), chunk_length, pad_token_id)
 
 
-def chunk_prompt(text, tokenizer, emphasis="original", truncate=False):
-    """``text`` -> list of ``PromptChunk``s for ``tokenizer`` (a ``CLIPBPETokenizer``).
+def chunk_prompt(text, tokenizer, emphasis="original", truncate=False, embeddings=None):
+    """``text`` -> list of ``PromptChunk``s for ``tokenizer`` (a ``CLIPBPETokenizer``), with the textual-inversion
+    ``embeddings`` (a ``PromptEmbeddings``) if given.
 
     ``truncate=True`` keeps the official behaviour: one chunk holding the first ``max_length - 2`` tokens
     (no comma backtracking; whatever follows, including anything after a BREAK, is dropped and logged).
     """
     chunk_length = tokenizer.max_length - 2
-    runs = prompt_runs(text, tokenizer, emphasis)
+    runs = prompt_runs(text, tokenizer, emphasis, embeddings)
     contents = split_into_chunks(runs, chunk_length, comma_backtrack=0 if truncate else COMMA_BACKTRACK)
     if truncate and len(contents) > 1:
         dropped = sum(len(c.token_ids) for c in contents[1:])

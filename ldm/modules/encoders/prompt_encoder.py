@@ -88,7 +88,12 @@ class ChunkedTextEncoder(AbstractEncoder):
     A subclass sets ``self.tokenizer`` (a ``CLIPBPETokenizer``), calls ``init_prompt_options`` and implements
     ``encode_tokens(tokens, clip_skip)`` (``[B, L]`` ids -> ``[B, L, D]``), ``token_embedding_layer()`` and
     ``check_clip_skip(clip_skip)``.
+
+    ``embeddings``: the textual-inversion embeddings prompts are read with (a ``PromptEmbeddings``, set by
+    ``ldm.modules.encoders.embeddings.use_embeddings``); None reads no trigger words. Not part of the state dict.
     """
+
+    embeddings = None
 
     def init_prompt_options(self, emphasis="none", clip_skip=1, truncate=True):
         options = self.prompt_options(emphasis, clip_skip, truncate)
@@ -121,7 +126,7 @@ class ChunkedTextEncoder(AbstractEncoder):
         chunks with empty-prompt chunks."""
         options = self.prompt_options(emphasis, clip_skip, truncate)
         texts = [text] if isinstance(text, str) else list(text)
-        chunked = [chunk_prompt(t, self.tokenizer, options.emphasis, options.truncate) for t in texts]
+        chunked = [chunk_prompt(t, self.tokenizer, options.emphasis, options.truncate, self.embeddings) for t in texts]
         pad = empty_chunk(self.tokenizer.max_length - 2, self.tokenizer.pad_token_id)
         device = parameter_device(self)
         outputs = []
