@@ -113,6 +113,11 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     add("--embeddings", type=str, default=None, metavar="DIR",
         help="textual-inversion embeddings (.pt, .bin, .safetensors, .png) in this folder; a file's "
              "name without its suffix is its trigger word in prompts")
+    from ldm.cli_extra_networks import lora_flag
+    add("--lora", type=lora_flag, action="append", default=None, metavar="FILE[:WEIGHT]",
+        help="merge this LoRA file at WEIGHT (default 1) into the model; repeatable")
+    add("--lora-dir", type=str, default=None, metavar="DIR",
+        help="where the prompts' <lora:name>, <lora:name:weight>, <lora:name:te:unet> tags find their files")
     add("--sigmas", type=str, default=None,
         help="the sigmas themselves, e.g. '14.6,7.0,3.1,0.5' (replaces --schedule and --steps)")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
@@ -185,6 +190,8 @@ def check_common_args(args):
         raise UserError(f"prompt file '{args.from_file}' does not exist")
     if args.embeddings is not None and not Path(args.embeddings).is_dir():
         raise UserError(f"--embeddings '{args.embeddings}' is not a folder; pass the folder of embedding files")
+    from ldm.cli_extra_networks import check_lora_flags
+    check_lora_flags(args)
     return args
 
 
@@ -301,7 +308,7 @@ def image_parameters(args, **extra):
                 scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
                 eta=args.ddim_eta or None, clip_skip=args.clip_skip if (args.clip_skip or 1) > 1 else None,
                 spacing=args.spacing, guidance_rescale=args.guidance_rescale or None,
-                **extra)
+                lora_hashes=getattr(args, "lora_hashes", None), **extra)
 
 
 def prepare(args):
@@ -314,6 +321,8 @@ def prepare(args):
     if args.embeddings is not None:
         from ldm.modules.encoders.embeddings import use_embeddings
         use_embeddings(model, args.embeddings)
+    from ldm.cli_extra_networks import take_extra_networks
+    prompts = take_extra_networks(args, model, prompts)
     if args.spacing is None:   # recorded as used: a zero-terminal-SNR model samples DDIM/PLMS on trailing steps
         from ldm.generate import Sampling, timestep_spacing
         args.spacing = timestep_spacing(model, Sampling(sampler=args.sampler))
@@ -329,6 +338,9 @@ def generate_and_save(args, generate, saver_class=None, **parameters):
     except BaseException:
         saver.report_partial()
         raise
+    finally:
+        if getattr(args, "lora_merger", None) is not None:
+            args.lora_merger.remove()  # the model's own weights back, bit for bit
     print(saver.finish())
     return 0
 

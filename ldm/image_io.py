@@ -27,7 +27,8 @@ WATERMARK = b"SDV2"
 PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule"), ("CFG scale", "scale"),
                     ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"), ("Clip skip", "clip_skip"),
                     ("Eta", "eta"), ("Timestep spacing", "spacing"), ("CFG Rescale phi", "guidance_rescale"),
-                    ("Denoising strength", "strength"), ("Noise level", "noise_level"))
+                    ("Denoising strength", "strength"), ("Noise level", "noise_level"),
+                    ("Lora hashes", "lora_hashes"))
 
 
 def tensor_to_images(x):
@@ -104,7 +105,8 @@ def parse_parameters(text):
         params["negative_prompt"] = "\n".join(lines[i:])[len("Negative prompt: "):]
         lines = lines[:i]
     params["prompt"] = "\n".join(lines)
-    for item in re.finditer(r"([A-Za-z ]+): ([^,]*)(?:, |$)", last):
+    # a value holding ',' or ':' is JSON-quoted, as A1111 writes it (Lora hashes: "a: 1f2e, b: 3c4d")
+    for item in re.finditer(r'([A-Za-z ]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)', last):
         if item.group(1) in labels:
             params[labels[item.group(1)]] = item.group(2)
     return params
