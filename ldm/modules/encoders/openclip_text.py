@@ -2,6 +2,7 @@
 import copy
 
 import torch
+from omegaconf import OmegaConf
 
 from ldm.errors import UserError
 from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
@@ -23,6 +24,9 @@ def build_openclip_text_model(arch):
         model_cfg = open_clip.get_model_config(arch)
         if model_cfg is None:
             raise UserError(f"unknown OpenCLIP arch '{arch}'; known: {', '.join(open_clip.list_models())}")
+    elif OmegaConf.is_config(arch):
+        # an arch written in a YAML config: open_clip reads nested entries of plain dicts only
+        model_cfg = OmegaConf.to_container(arch, resolve=True)
     else:
         model_cfg = copy.deepcopy(dict(arch))
     if model_cfg.get("custom_text") or "hf_model_name" in model_cfg.get("text_cfg", {}):

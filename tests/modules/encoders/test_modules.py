@@ -251,3 +251,12 @@ def test_clip_embedder_strict_load_accepts_legacy_position_ids(tiny_hf):
     state_dict["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     parent.load_state_dict(state_dict, strict=True)
     assert torch.equal(parent.cond_stage_model(PROMPTS), tiny_hf(PROMPTS))
+
+
+def test_openclip_embedder_takes_an_arch_written_in_yaml(tiny_openclip):
+    """A config's ``arch:`` mapping arrives as an OmegaConf node; open_clip needs plain dicts inside."""
+    from omegaconf import OmegaConf
+    from_yaml = FrozenOpenCLIPEmbedder(arch=OmegaConf.create(TINY_OPENCLIP), layer="last")
+    from_yaml.load_state_dict(tiny_openclip.state_dict())
+    with torch.no_grad():
+        assert torch.equal(from_yaml(PROMPTS), tiny_openclip(PROMPTS))
