@@ -144,3 +144,14 @@ def unclip_config(clip_stats_path=None):
                          "params": {"arch": TINY_OPENCLIP}},
         noise_aug_config={"target": "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation",
                           "params": noise_params})
+
+
+def with_random_layer_norms(encoder):
+    """Fresh LayerNorms (weight 1, bias 0) make every output token zero-mean, which would leave the
+    mean restored by emphasis "original" at ~0; trained encoders have no such symmetry."""
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.3, 0.2)
+    return encoder

@@ -19,6 +19,7 @@ from ldm.modules.encoders.embeddings import (EmbeddingSet, PromptEmbeddings, emb
 from ldm.modules.encoders.modules import CLIPTokenTransformerEmbedder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from ldm.modules.encoders.prompt_chunks import chunk_prompt
 from ldm.modules.encoders.tokenizer import BOS_TOKEN_ID as BOS, EOS_TOKEN_ID as EOS, CLIPBPETokenizer, load_bpe
+from tiny_models import with_random_layer_norms
 
 WIDTH = 32
 TINY_HF_TEXT = dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -345,33 +346,22 @@ def test_emphasis_none_still_reads_trigger_words():
 
 # --- encoders: trigger words against the vectors written into the token table by hand ---------------------------
 
-def trained_layer_norms(encoder):
-    """Fresh LayerNorms make every output token zero-mean, so the mean that emphasis "original" restores would be
-    ~0; trained ones do not."""
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.3, 0.2)
-    return encoder
-
-
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return trained_layer_norms(FrozenCLIPEmbedder(text_config=TINY_HF_TEXT, **A1111))
+    return with_random_layer_norms(FrozenCLIPEmbedder(text_config=TINY_HF_TEXT, **A1111))
 
 
 @pytest.fixture(scope="module")
 def openclip():
     torch.manual_seed(0)
-    return trained_layer_norms(FrozenOpenCLIPEmbedder(arch=TINY_OPENCLIP, layer="penultimate", **A1111))
+    return with_random_layer_norms(FrozenOpenCLIPEmbedder(arch=TINY_OPENCLIP, layer="penultimate", **A1111))
 
 
 @pytest.fixture(scope="module")
 def trainable():
     torch.manual_seed(0)
-    return trained_layer_norms(CLIPTokenTransformerEmbedder(n_embed=WIDTH, n_layer=2, n_head=4, **A1111)).eval()
+    return with_random_layer_norms(CLIPTokenTransformerEmbedder(n_embed=WIDTH, n_layer=2, n_head=4, **A1111)).eval()
 
 
 def network_clip(encoder, tokens):

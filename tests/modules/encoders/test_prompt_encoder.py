@@ -11,6 +11,7 @@ from ldm.modules.encoders.modules import CLIPTokenTransformerEmbedder, FrozenCLI
 from ldm.modules.encoders.prompt_chunks import EmbeddingOverride
 from ldm.modules.encoders.prompt_encoder import apply_emphasis, embedding_overrides
 from ldm.modules.encoders.tokenizer import load_bpe
+from tiny_models import with_random_layer_norms
 
 TINY_HF_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                     projection_dim=32)
@@ -23,17 +24,6 @@ CAT, DOG = load_bpe()[0]["cat</w>"], load_bpe()[0]["dog</w>"]
 
 # the encoders default to the official behaviour; these tests look at A1111's, as generation asks for it
 A1111 = dict(emphasis="original", truncate=False)
-
-
-def with_random_layer_norms(encoder):
-    """Fresh LayerNorms (weight 1, bias 0) make every output token zero-mean, which would leave the
-    mean restored by emphasis "original" at ~0; trained encoders have no such symmetry."""
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.3, 0.2)
-    return encoder
 
 
 @pytest.fixture(scope="module")
