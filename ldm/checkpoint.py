@@ -56,7 +56,7 @@ def read_state_dict(path):
     .safetensors file, on the CPU, without running code from the file."""
     path = _readable_file(path, "checkpoint", "a .ckpt or .safetensors file")
     if path.suffix == ".safetensors":
-        sd = _read_safetensors(path)
+        sd = read_safetensors_file(path)
     else:
         sd = _read_torch(path, "checkpoint")
     return _only_tensors(sd, path)
@@ -79,7 +79,9 @@ def _readable_file(path, what, kinds):
     return path
 
 
-def _read_safetensors(path):
+def read_safetensors_file(path, what="checkpoint", torch_suffix=".ckpt"):
+    """``{key: tensor}`` of a safetensors file on the CPU; a damaged file, or a ``torch.save`` file given a
+    .safetensors name, is a UserError naming it as ``what`` (and the suffix to rename the latter to)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
@@ -87,11 +89,11 @@ def _read_safetensors(path):
     except (SafetensorError, OSError, ValueError) as err:
         pytorch_format = _pytorch_format(path)
         if pytorch_format:
-            raise UserError(f"checkpoint '{path}' is named .safetensors but is a PyTorch "
+            raise UserError(f"{what} '{path}' is named .safetensors but is a PyTorch "
                             f"{pytorch_format} file, so it was not unpickled; if you expected a "
-                            f".ckpt, rename it to .ckpt to read its weights without running "
+                            f"{torch_suffix}, rename it to {torch_suffix} to read its weights without running "
                             f"code") from None
-        raise UserError(f"checkpoint '{path}' is not a readable safetensors file "
+        raise UserError(f"{what} '{path}' is not a readable safetensors file "
                         f"({_first_line(err)}); it may be truncated or corrupt: download or "
                         f"convert it again") from None
 

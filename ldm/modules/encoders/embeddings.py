@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.checkpoint import LoadReport, read_torch_file
+from ldm.checkpoint import LoadReport, read_safetensors_file, read_torch_file
 from ldm.errors import UserError
 from ldm.modules.encoders.prompt_chunks import TokenRun
 
@@ -97,7 +97,7 @@ def _read(path, name=None):
         inner = data.get("name") if isinstance(data, dict) else None
         name = name or (inner if isinstance(inner, str) and inner.strip() else path.stem)
     elif suffix == ".safetensors":
-        data = _read_safetensors(path)
+        data = read_safetensors_file(path, "embedding file", torch_suffix=".pt")
     else:
         data = _read_torch(path)
     return embedding_from_data(data, name or path.stem, source=str(path))
@@ -161,17 +161,6 @@ def _read_torch(path):
     # by read_torch_file, naming it.
     with torch.serialization.safe_globals([torch.nn.ParameterDict]):
         return read_torch_file(path, "embedding file")
-
-
-def _read_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"embedding file '{path}' is not a readable safetensors file ({reason}); it may be truncated "
-                        f"or corrupt: download it again") from None
 
 
 # ---------------------------------------------------------------------------------------------- A1111 PNGs

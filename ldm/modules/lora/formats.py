@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import LoadReport, read_torch_file
+from ldm.checkpoint import LoadReport, read_safetensors_file, read_torch_file
 from ldm.errors import UserError
 from ldm.modules.lora.names import Target
 
@@ -104,16 +104,10 @@ def read_lora_file(path):
     if not path.is_file():
         raise UserError(f"LoRA file '{path}' is not a file; give the path to a .safetensors or .pt LoRA file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-        try:
-            tensors = load_file(str(path), device="cpu")
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"LoRA file '{path}' is not a readable safetensors file ({reason}); it may be "
-                            f"truncated or corrupt: download it again") from None
+        from safetensors import safe_open
+        tensors = read_safetensors_file(path, "LoRA file", torch_suffix=".pt")
+        with safe_open(str(path), framework="pt") as f:   # readable: load_file has just read it
+            metadata = f.metadata() or {}
         return tensors, metadata
     obj = read_torch_file(path, "LoRA file")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
