@@ -46,22 +46,26 @@ def shape_reach(shape, extent):
 SUPERSAMPLE = 4
 
 
-def draw_shapes(size, background, shapes):
+def draw_shapes(size, background, shapes, outline=None):
     """A ``size`` x ``size`` RGB image of the ``background`` colour (a name) with ``shapes`` drawn in
-    order, each ``(shape, colour, cx, cy, extent)``: names, the centroid and the bounding-box extent
-    in fractions of the side."""
+    order, each ``(shape, colour, cx, cy, extent)``: the shape's name, a colour name or an RGB tuple
+    (colours outside the vocabulary, see :mod:`ldm.data.shapes_concepts`), the centroid and the
+    bounding-box extent in fractions of the side. ``outline``: draw only the outline, this wide
+    (fraction of the side), instead of a filled shape."""
     side = int(size) * SUPERSAMPLE
     canvas = Image.new("RGB", (side, side), BACKGROUND_RGB[background])
     pen = ImageDraw.Draw(canvas)
     for shape, colour, cx, cy, extent in shapes:
         left, right, up, down = (r * side for r in shape_reach(shape, extent))
-        x, y, fill = cx * side, cy * side, COLOUR_RGB[colour]
+        x, y = cx * side, cy * side
+        rgb = tuple(colour) if isinstance(colour, (tuple, list)) else COLOUR_RGB[colour]
+        paint = {"fill": rgb} if outline is None else {"outline": rgb, "width": max(1, round(outline * side))}
         if shape == "circle":
-            pen.ellipse([x - left, y - up, x + right, y + down], fill=fill)
+            pen.ellipse([x - left, y - up, x + right, y + down], **paint)
         elif shape == "square":
-            pen.rectangle([x - left, y - up, x + right, y + down], fill=fill)
+            pen.rectangle([x - left, y - up, x + right, y + down], **paint)
         else:
-            pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], fill=fill)
+            pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], **paint)
     return canvas.reduce(SUPERSAMPLE)
 
 

@@ -1,0 +1,72 @@
+"""The personalisation concepts are drawn as captioned and their readers see them (and nothing else)."""
+import numpy as np
+import pytest
+
+from ldm.data.shapes import ShapesTrain, describe
+from ldm.data.shapes_concepts import (
+    INSTANCE,
+    ShapesConcept,
+    concept_colour,
+    is_outline,
+    outline_share,
+    reads_as_instance,
+)
+from ldm.errors import UserError
+
+
+def test_new_colour_reads_back_and_its_word_is_in_the_caption():
+    data = ShapesConcept("colour", word="cyan", length=60)
+    for i in range(60):
+        attributes, image, caption = data.example(i)
+        seen = describe(image)
+        assert concept_colour(image) == "cyan"
+        assert (seen["shape"], seen["position"]) == (attributes["shape"], attributes["position"])
+        assert "cyan" in caption.split() and attributes["colour"] not in caption.split(), caption
+
+
+def test_outlines_are_seen_and_filled_shapes_are_not():
+    outlines = ShapesConcept("outline", length=80)
+    filled = ShapesTrain(length=80)
+    assert all(is_outline(outlines.example(i)[1]) for i in range(80))
+    assert not any(is_outline(filled.example(i)[1]) for i in range(80))
+    # outline captions are the ordinary ones: the style comes from the adapter, not a word
+    assert outlines.example(3)[2] == outlines.example(3)[2].split(",")[0]
+
+
+def test_outline_word_is_appended_when_given():
+    assert ShapesConcept("outline", word="lineart", length=4).example(0)[2].endswith(", lineart")
+
+
+def test_instance_is_one_shape_in_many_places():
+    data = ShapesConcept("instance", word="sks", length=40)
+    places = set()
+    for i in range(40):
+        attributes, image, caption = data.example(i)
+        assert caption.startswith(f"a sks {INSTANCE['shape']}")
+        assert reads_as_instance(image, {"position": attributes["position"], "background": attributes["background"]})
+        places.add((attributes["position"], attributes["background"]))
+    assert len(places) > 5
+
+
+def test_instance_reader_refuses_other_shapes():
+    _, image, _ = ShapesTrain(length=50).example(0)
+    seen = describe(image)
+    assert reads_as_instance(image) == all(seen[k] == v for k, v in INSTANCE.items())
+
+
+def test_blank_image_has_no_colour_or_outline():
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    assert concept_colour(blank) is None and outline_share(blank) is None and is_outline(blank) is None
+
+
+def test_items_are_deterministic_arrays_in_model_range():
+    a, b = ShapesConcept("colour", length=3)[1], ShapesConcept("colour", length=3)[1]
+    assert a["image"].shape == (64, 64, 3) and a["image"].min() >= -1 and a["image"].max() <= 1
+    assert np.array_equal(a["image"], b["image"]) and a["caption"] == b["caption"]
+    with pytest.raises(IndexError):
+        ShapesConcept("colour", length=3)[3]
+
+
+def test_unknown_concept_is_refused():
+    with pytest.raises(UserError, match="concept must be one of"):
+        ShapesConcept("glitter")
