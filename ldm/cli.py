@@ -113,11 +113,15 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     add("--embeddings", type=str, default=None, metavar="DIR",
         help="textual-inversion embeddings (.pt, .bin, .safetensors, .png) in this folder; a file's "
              "name without its suffix is its trigger word in prompts")
-    from ldm.cli_extra_networks import lora_flag
-    add("--lora", type=lora_flag, action="append", default=None, metavar="FILE[:WEIGHT]",
+    from ldm.cli_extra_networks import weighted_file_flag
+    add("--lora", type=weighted_file_flag, action="append", default=None, metavar="FILE[:WEIGHT]",
         help="merge this LoRA file at WEIGHT (default 1) into the model; repeatable")
     add("--lora-dir", type=str, default=None, metavar="DIR",
         help="where the prompts' <lora:name>, <lora:name:weight>, <lora:name:te:unet> tags find their files")
+    add("--hypernetwork", type=weighted_file_flag, action="append", default=None, metavar="FILE[:MULT]",
+        help="apply this A1111 hypernetwork (.pt) at multiplier MULT (default 1); repeatable, chained in order")
+    add("--hypernetwork-dir", type=str, default=None, metavar="DIR",
+        help="where the prompts' <hypernet:name>, <hypernet:name:mult> tags find their name.pt files")
     add("--sigmas", type=str, default=None,
         help="the sigmas themselves, e.g. '14.6,7.0,3.1,0.5' (replaces --schedule and --steps)")
     add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
@@ -190,8 +194,8 @@ def check_common_args(args):
         raise UserError(f"prompt file '{args.from_file}' does not exist")
     if args.embeddings is not None and not Path(args.embeddings).is_dir():
         raise UserError(f"--embeddings '{args.embeddings}' is not a folder; pass the folder of embedding files")
-    from ldm.cli_extra_networks import check_lora_flags
-    check_lora_flags(args)
+    from ldm.cli_extra_networks import check_extra_network_flags
+    check_extra_network_flags(args)
     return args
 
 
@@ -308,7 +312,9 @@ def image_parameters(args, **extra):
                 scale=args.scale, seed=args.seed, model_hash=model_hash_for(args),
                 eta=args.ddim_eta or None, clip_skip=args.clip_skip if (args.clip_skip or 1) > 1 else None,
                 spacing=args.spacing, guidance_rescale=args.guidance_rescale or None,
-                lora_hashes=getattr(args, "lora_hashes", None), **extra)
+                lora_hashes=getattr(args, "lora_hashes", None), hypernet=getattr(args, "hypernet", None),
+                hypernet_hash=getattr(args, "hypernet_hash", None),
+                hypernet_strength=getattr(args, "hypernet_strength", None), **extra)
 
 
 def prepare(args):
@@ -339,8 +345,8 @@ def generate_and_save(args, generate, saver_class=None, **parameters):
         saver.report_partial()
         raise
     finally:
-        if getattr(args, "lora_merger", None) is not None:
-            args.lora_merger.remove()  # the model's own weights back, bit for bit
+        from ldm.cli_extra_networks import remove_extra_networks
+        remove_extra_networks(args)  # the model's own weights and attention back, bit for bit
     print(saver.finish())
     return 0
 

@@ -25,7 +25,9 @@ WATERMARK = b"SDV2"
 # (label in the text chunk, key in the parameters dict), in the order written
 # (labels as the popular web UIs write them, so their readers parse ours)
 PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type", "schedule"), ("CFG scale", "scale"),
-                    ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"), ("Clip skip", "clip_skip"),
+                    ("Seed", "seed"), ("Size", "size"), ("Model hash", "model_hash"), ("Hypernet", "hypernet"),
+                    ("Hypernet hash", "hypernet_hash"), ("Hypernet strength", "hypernet_strength"),
+                    ("Clip skip", "clip_skip"),
                     ("Eta", "eta"), ("Timestep spacing", "spacing"), ("CFG Rescale phi", "guidance_rescale"),
                     ("Denoising strength", "strength"), ("Noise level", "noise_level"),
                     ("Lora hashes", "lora_hashes"))

@@ -29,9 +29,9 @@ def test_lora_tags_are_read_as_a1111_reads_them(prompt, tags):
 
 
 def test_tags_are_cut_out_of_the_prompt_and_nothing_else_changes():
-    parsed = parse_prompt("a (red:1.2) cat, <lora:style:0.8> on [a|b] <hypernet:h:1>mat")
+    parsed = parse_prompt("a (red:1.2) cat, <lora:style:0.8> on [a|b] <hypernet:h:1>mat<addnet:x:1>")
     assert parsed.text == "a (red:1.2) cat,  on [a|b] mat"
-    assert parsed.skipped == ["<hypernet:h:1>"]
+    assert parsed.skipped == ["<addnet:x:1>"] and len(parsed.hypernets) == 1
     assert parse_prompt("a <b> c <:x>").text == "a <b> c <:x>"   # not tags: no kind, or no argument
 
 

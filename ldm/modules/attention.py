@@ -96,7 +96,11 @@ class FeedForward(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries from ``x`` over keys/values from ``context`` (or ``x``)."""
+    """Multi-head attention of queries from ``x`` over keys/values from ``context`` (or ``x``).
+
+    ``context_hook``, None unless something is attached (``ldm.modules.hypernetworks``), maps the context to the
+    contexts of the keys and of the values before their projections, whatever the attention backend.
+    """
 
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0., backend="sdpa", upcast=True):
         super().__init__()
@@ -110,12 +114,16 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.context_hook = None
 
     def forward(self, x, context=None, mask=None):
         if mask is not None:
             raise NotImplementedError("attention masks are not used by any Stable Diffusion model")
         context = default(context, x)
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        context_k = context_v = context
+        if self.context_hook is not None:
+            context_k, context_v = self.context_hook(context)
+        q, k, v = self.to_q(x), self.to_k(context_k), self.to_v(context_v)
         # [B, N, heads*d] -> [B, heads, N, d]
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = attention(q, k, v, backend=self.backend, upcast=self.upcast)

@@ -1,9 +1,10 @@
-"""A1111's extra-network tags in prompts: ``<lora:name>``, ``<lora:name:0.8>``, ``<lora:name:te:unet>``.
+"""A1111's extra-network tags in prompts: ``<lora:name>``, ``<lora:name:0.8>``, ``<lora:name:te:unet>``,
+``<hypernet:name>``, ``<hypernet:name:0.8>``.
 
 A tag is ``<kind:arg1:arg2...>`` (A1111's ``re_extra_net``: a word, a colon, then anything up to ``>``);
 the arguments are split at ``:``, and an argument ``key=value`` is a named one (``<lora:name:te=0.5>``).
 Every tag is taken out of the prompt text, whatever its kind, as A1111 does. ``lyco`` is A1111's alias
-of ``lora``. Kinds we cannot apply yet (``hypernet``, ...) are dropped with a warning: A1111 skips
+of ``lora``. Kinds we cannot apply (extensions' kinds) are dropped with a warning: A1111 skips
 unknown kinds too (it logs them), so a prompt written for it still runs here.
 """
 import logging
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 
 TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_KINDS = ("lora", "lyco")
+HYPERNET_KIND = "hypernet"
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,20 @@ class LoraTag:
     unet: float = 1.0
 
 
+@dataclass(frozen=True)
+class HypernetTag:
+    """One ``<hypernet:...>`` tag: the file ``name`` and its multiplier."""
+    name: str
+    multiplier: float = 1.0
+
+
 @dataclass
 class ParsedPrompt:
-    """A prompt with its tags taken out: ``text``, the ``loras`` it names, the ``skipped`` other tags."""
+    """A prompt with its tags taken out: ``text``, the ``loras`` and ``hypernets`` it names, the ``skipped``
+    other tags."""
     text: str
     loras: list = field(default_factory=list)
+    hypernets: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
 
 
@@ -42,6 +53,8 @@ def parse_prompt(prompt):
         kind, args = match.group(1), match.group(2)
         if kind in LORA_KINDS:
             parsed.loras.append(lora_tag(match.group(0), args.split(":")))
+        elif kind == HYPERNET_KIND:
+            parsed.hypernets.append(hypernet_tag(match.group(0), args.split(":")))
         else:
             parsed.skipped.append(match.group(0))
         return ""
@@ -71,7 +84,19 @@ def lora_tag(tag, items):
     return LoraTag(positional[0], te, unet)
 
 
+def hypernet_tag(tag, items):
+    """A1111's reading of a hypernet tag's arguments: the name, then the multiplier (default 1); the rest is
+    ignored. Unlike lora tags, ``key=value`` arguments are not named ones: A1111 reads them by position."""
+    if not items[0]:
+        raise UserError(f"prompt tag '{tag}' names no hypernetwork; write <hypernet:name> or <hypernet:name:weight>")
+    try:
+        multiplier = float(items[1]) if len(items) > 1 else 1.0
+    except ValueError:
+        raise UserError(f"prompt tag '{tag}': the multiplier must be a number, as in <hypernet:name:0.8>") from None
+    return HypernetTag(items[0], multiplier)
+
+
 def warn_skipped(skipped, where="prompt"):
     for tag in dict.fromkeys(skipped):
-        log.warning("%s tag '%s' is not supported yet (only <lora:...>); it was removed from the %s",
+        log.warning("%s tag '%s' is not supported (only <lora:...> and <hypernet:...>); it was removed from the %s",
                     where.capitalize(), tag, where)
