@@ -1,0 +1,67 @@
+"""DreamBooth (Ruiz et al. 2023): fine-tune the whole denoiser on a few images of one subject bound
+to a rare token ("a sks triangle"), with the class prior preserved by the model's own images.
+
+Not an adapter: :class:`DreamBooth` is a :class:`LatentDiffusion` whose checkpoints hold the whole
+model, started from a base model's weights through ``ckpt_path`` and exported for inference with
+``scripts/export_weights.py``. What it adds is one factor in the diffusion loss: each batch item
+carries a ``loss_weight`` (see :mod:`ldm.data.prior_preservation`: 1 for instance examples,
+``prior_loss_weight`` for class examples), which multiplies that item's loss. The loss is the mean
+over the batch, so a batch of n instance and n class examples gives
+(instance loss + prior_loss_weight * class loss) / 2: diffusers' sum halved, a constant factor
+that Adam's update does not see. With every weight 1, or batches without ``loss_weight``, the
+loss is LatentDiffusion's to the bit.
+"""
+import logging
+
+import torch
+
+from ldm.data.prior_preservation import LOSS_WEIGHT_KEY, merge_prior_examples
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+
+logger = logging.getLogger(__name__)
+
+
+class DreamBooth(LatentDiffusion):
+    """LatentDiffusion with per-item loss weights from ``batch[loss_weight_key]``.
+
+    ``train_text_encoder``: also fine-tune the text encoder (DreamBooth's "train_text_encoder");
+    by default only the U-Net trains and the text encoder stays frozen. It sets LatentDiffusion's
+    ``cond_stage_trainable``, which a base model's inference config may also name (``false``).
+    Batches of :class:`ldm.data.prior_preservation.PriorPreservationDataset` are merged into one
+    batch (instance examples, then class examples) at the start of each training and validation
+    step, so caption dropout (``ucg_training``) reaches both kinds.
+    """
+
+    def __init__(self, *args, train_text_encoder=False, loss_weight_key=LOSS_WEIGHT_KEY, **kwargs):
+        given = kwargs.pop("cond_stage_trainable", None)
+        if given is not None and bool(given) != bool(train_text_encoder):
+            logger.info("DreamBooth: train_text_encoder=%s decides whether the text encoder trains "
+                        "(the config's cond_stage_trainable=%s is not used)", train_text_encoder, given)
+        super().__init__(*args, cond_stage_trainable=bool(train_text_encoder), **kwargs)
+        self.train_text_encoder = bool(train_text_encoder)
+        self.loss_weight_key = loss_weight_key
+        self._item_weights = None   # [B] while shared_step runs a weighted batch
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(merge_prior_examples(batch), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step(merge_prior_examples(batch), batch_idx)
+
+    def shared_step(self, batch, **kwargs):
+        weights = batch.get(self.loss_weight_key)
+        self._item_weights = None if weights is None else torch.as_tensor(weights)
+        try:
+            return super().shared_step(batch, **kwargs)
+        finally:
+            self._item_weights = None
+
+    def loss_weights(self, t):
+        """The base weights (ones, or Min-SNR's) times each item's ``loss_weight``."""
+        weights = super().loss_weights(t)
+        if self._item_weights is None:
+            return weights
+        if self._item_weights.shape != weights.shape:
+            raise ValueError(f"{self.loss_weight_key} has shape {tuple(self._item_weights.shape)} for a "
+                             f"batch of {len(weights)}")
+        return weights * self._item_weights.to(weights)
