@@ -100,8 +100,8 @@ class HypernetworkHooks:
             self._hooked.append(layer)
         self.active = uses
         if uses:
-            log.info("attached %d hypernetwork(s) to %d of %d attention layers", len(uses), len(self._hooked),
-                     len(layers))
+            log.debug("attached %d hypernetwork(s) to %d of %d attention layers", len(uses), len(self._hooked),
+                      len(layers))
 
     def remove(self):
         """Take every hook this object attached off again."""
