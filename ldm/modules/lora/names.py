@@ -34,6 +34,10 @@ TRANSFORMER_BLOCK_LAYERS = tuple(f"{attn}.{layer}" for attn in ("attn1", "attn2"
 # the layers of one Hugging Face CLIPEncoderLayer that LoRA trainers adapt
 CLIP_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                       "mlp.fc1", "mlp.fc2")
+# the diffusers blocks whose Linear and Conv2d layers kohya's LoRA adapts (sd-scripts networks/lora.py):
+# Transformer2DModel always; ResnetBlock2D, Downsample2D and Upsample2D only with conv_dim ("LoCon")
+KOHYA_TRANSFORMER_GROUPS = ("attentions",)
+KOHYA_RESNET_GROUPS = ("resnets", "downsamplers", "upsamplers")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,24 @@ class Target:
 
     def describe(self):
         return self.param if self.rows is None else f"{self.param}[{self.rows[0]}:{self.rows[1]}]"
+
+
+def kohya_name(part, path):
+    """kohya's name for the layer at ``path`` (a diffusers U-Net path for ``part`` "unet", a Hugging Face
+    CLIP path for "text_encoder"): the path behind ``lora_unet_`` / ``lora_te_`` with every "." made "_"."""
+    return (KOHYA_UNET if part == "unet" else KOHYA_TEXT) + path.replace(".", "_")
+
+
+def unet_block_kind(path):
+    """Which kohya target group the diffusers U-Net layer at ``path`` belongs to: "transformer" (proj_in,
+    proj_out, attention and feed-forward of a Transformer2DModel), "resnet" (a ResnetBlock2D, Downsample2D or
+    Upsample2D), or None (conv_in, conv_out, the time embedding: kohya's LoRA never adapts them)."""
+    groups = set(path.split("."))
+    if groups.intersection(KOHYA_TRANSFORMER_GROUPS):
+        return "transformer"
+    if groups.intersection(KOHYA_RESNET_GROUPS):
+        return "resnet"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- U-Net
