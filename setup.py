@@ -1,4 +1,4 @@
-"""Installable package for the ``ldm`` library (Stable Diffusion 1.x/2.x).
+"""Installable packages ``ldm`` (Stable Diffusion 1.x/2.x) and ``cldm`` (ControlNet).
 
 The pins are the versions the code and the reference manifests were checked against; key names
 of the text encoders depend on them (transformers 5.x renames the CLIP text model's keys).
@@ -27,7 +27,8 @@ setup(
     name="stable-diffusion",
     version="0.1.0",
     description="Latent diffusion / Stable Diffusion 1.x and 2.x: models, samplers and scripts",
-    packages=find_packages(include=["ldm", "ldm.*"]),
+    # cldm: ControlNet's official import path (cldm.cldm.ControlLDM), which its configs name
+    packages=find_packages(include=["ldm", "ldm.*", "cldm", "cldm.*"]),
     license="MIT",
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

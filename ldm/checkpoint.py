@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "models/shapes/shapes-ldm.yaml"
 DEFAULT_CKPT = "models/shapes/shapes-ldm.safetensors"
 SD_CONFIG_DIR = "configs/stable-diffusion"
+CLDM_CONFIG_DIR = "configs/controlnet"
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 POSITION_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -235,9 +236,13 @@ def suggest_config(shapes):
     """
     d = f"{SD_CONFIG_DIR}/"
     keys = set(shapes)
-    if any(k.startswith("control_model.") for k in keys):
-        return "it is a ControlNet checkpoint (control_model.*): use ControlNet's " \
-               "models/cldm_v15.yaml (SD 1.5) or models/cldm_v21.yaml (SD 2.1)"
+    is_controlnet = any(k.startswith(("control_model.", "input_hint_block.", "zero_convs.")) for k in keys)
+    if is_controlnet and UNET_IN_KEY not in shapes:
+        return "it is a ControlNet alone, without the Stable Diffusion model it controls: attach it " \
+               "to a base checkpoint with cldm.loading.load_controlnet_model"
+    if is_controlnet:
+        return f"it is a ControlNet checkpoint (control_model.*): use the config " \
+               f"{CLDM_CONFIG_DIR}/cldm_v15.yaml (SD 1.x) or {CLDM_CONFIG_DIR}/cldm_v21.yaml (SD 2.x)"
     if UNET_IN_KEY not in shapes:
         if any(k.startswith(("down_blocks.", "unet.", "text_encoder.")) for k in keys):
             return "it is a diffusers-format file; this code reads original-format checkpoints " \
@@ -523,8 +528,13 @@ def load_model(config_path=None, ckpt_path=None, device=None, dtype=None, *, for
         model = instantiate_from_config(config.model)
     load_state_dict_into(model, sd, strict=True, config_name=str(config_path))
     del sd
+    return place_model(model, config, device, dtype, force_dtype=force_dtype)
+
+
+def place_model(model, config, device, dtype, *, force_dtype=False):
+    """``model`` in eval mode on ``device`` in ``dtype`` (both resolved); a float32 model runs its
+    U-Net in the dtype its ``config`` asks for (an explicit dtype wins), see :func:`_unet_dtype`."""
     model = model.eval().to(device=device, dtype=dtype)
-    # the config's U-Net dtype applies to a float32 model only (an explicit dtype wins)
     unet_dtype = _unet_dtype(config, device, force=force_dtype) if dtype == torch.float32 else None
     if unet_dtype is not None:
         model.model.diffusion_model.to(unet_dtype)

@@ -46,8 +46,8 @@ def state_dict_shapes(name, prefix=""):
             if key.startswith(prefix)}
 
 
-def load_config(name):
-    return OmegaConf.load(CONFIGS / f"{name}.yaml")
+def load_config(name, folder=CONFIGS):
+    return OmegaConf.load(folder / f"{name}.yaml")
 
 
 def describe_differences(ours, ref):

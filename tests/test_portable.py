@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = [REPO / "main.py", *sorted(p for folder in ("ldm", "scripts", "bench", "tests")
+CODE = [REPO / "main.py", *sorted(p for folder in ("ldm", "cldm", "scripts", "bench", "tests")
                                   for p in (REPO / folder).rglob("*.py"))]
 # Absolute paths that mean the same on every Linux machine.
 SYSTEM_ROOTS = ("usr", "bin", "proc", "dev", "etc", "sys", "tmp")

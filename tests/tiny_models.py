@@ -1,5 +1,6 @@
 """Tiny random-weight models for tests: a text-to-image LatentDiffusion (16x16 pixels, 8x8x4 latents,
-f=2) and the image-conditioned SD 2 families built on it (inpainting, depth, x4 upscaling, unCLIP).
+f=2), the image-conditioned SD 2 families built on it (inpainting, depth, x4 upscaling, unCLIP) and
+ControlNet's ControlLDM.
 
 A plain module (``tests/`` is on ``sys.path`` under pytest, beside ``conftest.py``) so every test
 file imports the same builders instead of loading another test file by its path.
@@ -155,3 +156,18 @@ def with_random_layer_norms(encoder):
                 module.weight.normal_(1.0, 0.2)
                 module.bias.normal_(0.3, 0.2)
     return encoder
+
+
+# ------------------------------------------------------------------------------------------- ControlNet
+def controlnet_config(context_dim=32, **params):
+    """The tiny model as ControlNet's ControlLDM: its U-Net as the locked ``ControlledUnetModel`` and a
+    ``ControlNet`` copy of its encoder. The hint is 8x the latent size (64x64), as SD's is at pixel
+    size; a ``context_dim`` other than the text encoder's 32 builds a model only for loading."""
+    config = variant_config("cldm.cldm.ControlLDM", {"context_dim": context_dim}, control_key="hint",
+                            only_mid_control=False, **params)
+    unet = config["model"]["params"]["unet_config"]
+    unet["target"] = "cldm.cldm.ControlledUnetModel"
+    control_params = {k: v for k, v in unet["params"].items() if k != "out_channels"}
+    config["model"]["params"]["control_stage_config"] = {"target": "cldm.cldm.ControlNet",
+                                                         "params": {**control_params, "hint_channels": 3}}
+    return config

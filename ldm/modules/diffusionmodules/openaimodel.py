@@ -180,7 +180,14 @@ class UNetModel(nn.Module):
     Computes in the dtype of its own weights: ``use_fp16``/``use_bf16`` only record what the
     config asked for (the official code casts activations to fp16 even on CPU, where it crashes);
     the loader decides the weight dtype from the device.
+
+    ``forward`` is :meth:`embed`, :meth:`encode` (input blocks and middle block) and :meth:`decode`
+    (output blocks), so that variants such as ControlNet's (``cldm.cldm``) can step in between. A
+    subclass with ``encoder_only = True`` builds no output blocks. ``skip_channels`` are the
+    channels of the input blocks' outputs, the skip connections.
     """
+
+    encoder_only = False
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
                  attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
@@ -297,6 +304,9 @@ class UNetModel(nn.Module):
             attention_layer(ch, None, disable_sa=disable_middle_self_attn),
             res_block(ch),
         )
+        self.skip_channels = tuple(input_block_chans)
+        if self.encoder_only:
+            return
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -324,6 +334,12 @@ class UNetModel(nn.Module):
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
         """x [B, C, ...], timesteps [B] (int or float), context [B, N, D], y [B] labels or [B, adm] vectors."""
+        h, emb, context = self.embed(x, timesteps, context, y)
+        h, skips = self.encode(h, emb, context)
+        return self.decode(h, skips, emb, context).to(x.dtype)
+
+    def embed(self, x, timesteps, context=None, y=None):
+        """(x, timestep [+ class] embedding, context), each in the dtype of the U-Net's weights."""
         assert (y is not None) == (self.num_classes is not None), \
             "must specify y if and only if the model is class-conditional"
         dtype = self.dtype
@@ -334,16 +350,22 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y if y.dtype in (torch.long, torch.int) else y.to(emb.dtype))
         if context is not None:
             context = [c.to(dtype) for c in context] if isinstance(context, list) else context.to(dtype)
-        h = x.to(dtype)
-        emb = emb.to(dtype)
+        return x.to(dtype), emb.to(dtype), context
+
+    def encode(self, h, emb, context):
+        """The input blocks and the middle block: (middle block output, [input block outputs])."""
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        return self.middle_block(h, emb, context), skips
+
+    def decode(self, h, skips, emb, context):
+        """The output blocks, each taking the last remaining skip, then the output layer."""
+        skips = list(skips)
         for module in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = module(h, emb, context)
         if self.predict_codebook_ids:
-            return self.id_predictor(h).to(x.dtype)
-        return self.out(h).to(x.dtype)
+            return self.id_predictor(h)
+        return self.out(h)
