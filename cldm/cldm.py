@@ -17,10 +17,12 @@ ControlNet-v1-1-nightly (``global_average_pooling``), whose configs name these c
 import torch
 from torch import nn
 
+from cldm.control import ControlHint, control_inputs
 from ldm.errors import UserError
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetModel
 from ldm.modules.diffusionmodules.util import conv_nd, zero_module
+from ldm.modules.partial_conditioning import fill_rows
 from ldm.util import instantiate_from_config
 
 # Widths of the hint encoder's 3x3 convs before its last one; the convs at STRIDED step down 2x
@@ -101,6 +103,11 @@ class ControlNet(UNetModel):
     def num_residuals(self):
         return len(self.zero_convs) + 1
 
+    @property
+    def hint_factor(self):
+        """Hint pixels per latent pixel: the hint encoder's stride-2 convs step down this much."""
+        return 2 ** len(HINT_STRIDED)
+
     def forward(self, x, hint, timesteps, context=None, y=None, **kwargs):
         """Residuals [input block 0, ..., input block N-1, middle block] for the latent ``x`` and
         the hint [B, hint_channels, 8H, 8W] (pixel resolution for SD, values in [0, 1])."""
@@ -117,13 +124,20 @@ class ControlNet(UNetModel):
         return residuals
 
 
+def _check_scales(scales, control_model):
+    if len(scales) != control_model.num_residuals:
+        raise UserError(f"control_scales has {len(scales)} values but this ControlNet gives "
+                        f"{control_model.num_residuals} residuals; give one scale per residual")
+
+
 class ControlLDM(LatentDiffusion):
     """Latent diffusion whose U-Net (a ``ControlledUnetModel``) is steered by ``control_model``.
 
     The conditioning is a dict: ``c_crossattn`` [text context] and ``c_concat`` [hint] (None: no
-    control, the plain U-Net). ``control_scales`` weight the residuals (one per residual: 13 for
-    SD, see :func:`control_scales`); ``only_mid_control`` adds only the middle block's;
-    ``global_average_pooling`` (ControlNet 1.1 shuffle) averages each residual over its pixels;
+    control, the plain U-Net), or a list of ``cldm.control.ControlHint`` for several ControlNets
+    with their own weights and step ranges. ``control_scales`` weight the residuals of a plain
+    ``[hint]`` (one per residual: 13 for SD, see :func:`control_scales`); ``only_mid_control`` adds
+    only the middle block's; ``global_average_pooling`` (ControlNet 1.1 shuffle) averages each residual over its pixels;
     ``sd_locked`` False also trains the U-Net's decoder (:meth:`trainable_parameters`).
     """
 
@@ -144,19 +158,45 @@ class ControlLDM(LatentDiffusion):
         if not isinstance(cond, dict):  # text conditioning alone: no control
             cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
         context = torch.cat(cond["c_crossattn"], 1)
-        hint = cond.get("c_concat")
-        control = None if hint is None else self.control_residuals(x_noisy, t, context, torch.cat(hint, 1))
+        control = self.summed_control(x_noisy, t, context, cond.get("c_concat"))
         return self.model.diffusion_model(x_noisy, t, context=context, control=control,
                                           only_mid_control=self.only_mid_control)
 
-    def control_residuals(self, x_noisy, t, context, hint):
-        """The control model's residuals, weighted by ``control_scales`` (and pooled, for shuffle)."""
-        residuals = self.control_model(x=x_noisy, hint=hint, timesteps=t, context=context)
-        if len(self.control_scales) != len(residuals):
-            raise UserError(f"control_scales has {len(self.control_scales)} values but this ControlNet "
-                            f"gives {len(residuals)} residuals; give one scale per residual")
-        residuals = [r * scale for r, scale in zip(residuals, self.control_scales)]
-        if self.global_average_pooling:
+    def summed_control(self, x_noisy, t, context, c_concat):
+        """The residuals of every ControlNet input in ``c_concat`` (see ``cldm.control``), summed; each
+        only on the rows it conditions (zero on the others). None when no input acts."""
+        total = None
+        for entry, rows in control_inputs(c_concat):
+            if isinstance(entry, list):   # lllyasviel/ControlNet's [hint]: our control_model at control_scales
+                entry = ControlHint(torch.cat(entry, 1), tuple(self.control_scales))
+            net = self.control_model if entry.control_model is None else entry.control_model
+            _check_scales(entry.scales, net)
+            if not any(entry.scales):
+                continue   # weight 0 contributes nothing: the U-Net's output stays exactly the plain one
+            part = slice(None) if rows is None else rows
+            residuals = self.control_residuals(x_noisy[part], t[part], context[part], entry.hint, net,
+                                               entry.scales, entry.global_average_pooling)
+            residuals = [fill_rows(r, rows, x_noisy.shape[0]) for r in residuals]
+            total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
+        return total
+
+    def control_residuals(self, x_noisy, t, context, hint, control_model=None, scales=None,
+                          global_average_pooling=None):
+        """The residuals of ``control_model`` (default: ours) for ``hint``, weighted by ``scales``
+        (default: ``control_scales``) and pooled with ``global_average_pooling`` (default: ours)."""
+        net = self.control_model if control_model is None else control_model
+        scales = self.control_scales if scales is None else scales
+        pool = self.global_average_pooling if global_average_pooling is None else global_average_pooling
+        _check_scales(scales, net)
+        wanted = [side * net.hint_factor for side in x_noisy.shape[2:]]
+        if list(hint.shape[2:]) != wanted:
+            raise UserError(f"the hint is {hint.shape[-1]}x{hint.shape[-2]} pixels but this latent needs "
+                            f"{wanted[-1]}x{wanted[-2]} ({net.hint_factor}x its size); resize the hint")
+        if hint.shape[0] == 1 and x_noisy.shape[0] > 1:   # one hint for the whole batch
+            hint = hint.expand(x_noisy.shape[0], *hint.shape[1:])
+        residuals = net(x=x_noisy, hint=hint.to(x_noisy.device), timesteps=t, context=context)
+        residuals = [r * scale for r, scale in zip(residuals, scales)]
+        if pool:
             residuals = [r.mean(dim=(2, 3), keepdim=True) for r in residuals]
         return residuals
 

@@ -7,12 +7,13 @@ Two layouts (key names as lllyasviel/ControlNet and ControlNet-v1-1 save them):
   ``cond_stage_model.*``, the schedule buffers and ``logvar``);
 - control only, e.g. ``control_v11p_sd15_canny.pth`` and its fp16 safetensors extracts: the
   ControlNet's tensors with or without the ``control_model.`` prefix, attached to a base SD 1.x /
-  2.x checkpoint.
+  2.x checkpoint, or loaded beside a ControlLDM's own as a further ControlNet (``load_control_net``).
 
 Loading is strict, through ``ldm.checkpoint.load_state_dict_into`` like every other checkpoint. A
 ControlNet made for another SD generation than the base is named as such (by the width of the
 text context its cross-attention reads, 768 for SD 1.x and 1024 for SD 2.x) before any building.
 """
+import copy
 import logging
 from pathlib import Path
 
@@ -43,6 +44,9 @@ CONFIG_FOR_WIDTH = {768: "cldm_v15.yaml", 1024: "cldm_v21.yaml"}
 # ControlNet 1.1 shuffle differs from the other SD 1.5 ControlNets only in its config; the file name
 # is all that tells it apart (sd-webui-controlnet goes by the name too).
 SHUFFLE_CONFIG = "control_v11e_sd15_shuffle.yaml"
+# The ControlNet for the shipped model (with its config beside it as <stem>.yaml); scripts/controlnet.py
+# uses it when neither --ckpt nor --control is given, once it exists.
+DEFAULT_CONTROL = "models/shapes/shapes-controlnet.safetensors"
 
 
 def read_control_file(path):
@@ -165,7 +169,7 @@ def load_controlnet_model(ckpt_path, control_path=None, config_path=None, device
     if control is None:
         if not any(k.startswith(PREFIX) for k in sd):
             raise UserError(f"checkpoint '{ckpt_path}' has no ControlNet weights (control_model.*); give a "
-                            f"ControlNet file to attach to it as well (control_path)")
+                            f"ControlNet file (such as control_v11p_sd15_canny.pth) to attach to it as well")
         control = control_part(sd, f"checkpoint '{ckpt_path}'")
     base = {k: v for k, v in sd.items() if not k.startswith(PREFIX)}
     del sd
@@ -185,3 +189,34 @@ def load_controlnet_model(ckpt_path, control_path=None, config_path=None, device
     keep_own = () if "logvar" in base else ("logvar",)
     load_state_dict_into(model, base, strict=True, config_name=str(config_path), ignore_keys=keep_own)
     return place_model(model, config, device, dtype, force_dtype=force_dtype)
+
+
+def load_control_net(control_path, model, config_path=None, *, trust_config=False):
+    """(ControlNet, global_average_pooling): a further ControlNet from the file ``control_path`` for
+    the ControlLDM ``model`` (several at once: ``cldm.generate.ControlUnit``), on its device and dtype.
+
+    Its architecture comes from ``config_path`` or the ``.yaml`` beside the file, else it is that of
+    ``model``'s own ControlNet; pooling is the config's, else on for a shuffle file (by its name).
+    """
+    control = read_control_file(control_path)
+    own = model.control_model
+    width, wanted = text_width(control), text_width(own.state_dict())
+    if width is not None and wanted is not None and width != wanted:
+        raise UserError(f"ControlNet '{control_path}' is for {generation(width)} but the model's own ControlNet "
+                        f"is for {generation(wanted)}; use ControlNets made for the same base model")
+    config_path = config_path or sibling_config(control_path)
+    if config_path is None:
+        net = copy.deepcopy(own)
+        pooling = "shuffle" in Path(control_path).name.lower()
+    else:
+        params = load_config(config_path, trust_config=trust_config).model.get("params") or {}
+        if params.get("control_stage_config") is None:
+            raise UserError(f"config '{config_path}' has no control_stage_config, so it builds no ControlNet; "
+                            f"give the config the ControlNet was released with")
+        with trusting_configs(trust_config):
+            net = instantiate_from_config(params["control_stage_config"])
+        pooling = bool(params.get("global_average_pooling", False))
+    load_state_dict_into(net, control, strict=True, config_name=str(config_path or "the model's own ControlNet"))
+    log.info("ControlNet: %d tensors from %s", len(control), control_path)
+    reference = next(own.parameters())
+    return net.eval().to(device=reference.device, dtype=reference.dtype), pooling

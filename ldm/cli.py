@@ -317,12 +317,12 @@ def image_parameters(args, **extra):
                 hypernet_strength=getattr(args, "hypernet_strength", None), **extra)
 
 
-def prepare(args):
-    """(model, prompts): logging set up, prompts read and the model loaded and checked against
-    the flags, as every sampling script does before generating."""
+def prepare(args, load=None):
+    """(model, prompts): logging set up, prompts read and the model loaded (by ``load(args)``, default
+    :func:`load_model_for`) and checked against the flags, as every sampling script does before generating."""
     setup_logging(args.verbose)
     prompts = read_prompts(args)
-    model = load_model_for(args)
+    model = (load or load_model_for)(args)
     check_latent_flags(args, model)
     if args.embeddings is not None:
         from ldm.modules.encoders.embeddings import use_embeddings

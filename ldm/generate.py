@@ -280,12 +280,14 @@ def encode_image(model, image, n):
 # ---------------------------------------------------------------------------------------------
 # text to image
 
-def txt2img(model, prompts, *, H=None, W=None, fixed_code=False, **sampling):
+def txt2img(model, prompts, *, H=None, W=None, fixed_code=False, conditioning=None, **sampling):
     """Generate images from text; returns them in order (round, then batch, then sample).
 
     ``prompts``: one string (``n_samples`` images per round) or a list cut into batches of
-    ``n_samples``. ``fixed_code`` draws one start noise and reuses it every round. The other
-    keyword arguments are :class:`Sampling`'s.
+    ``n_samples``. ``fixed_code`` draws one start noise and reuses it every round.
+    ``conditioning(cond, uncond, n)`` -> (cond, uncond) turns each batch's text conditioning into
+    what the model takes (ControlNet adds its hints: ``cldm.generate``). The other keyword
+    arguments are :class:`Sampling`'s.
     """
     sampling = Sampling(**sampling)
     f, C = latent_factor(model), latent_channels(model)
@@ -303,6 +305,8 @@ def txt2img(model, prompts, *, H=None, W=None, fixed_code=False, **sampling):
 
     def make_batch(sampler, batch, start_code):
         c, uc = text_conditioning(model, batch, sampling)
+        if conditioning is not None:
+            c, uc = conditioning(c, uc, len(batch))
         x_T = None if start_code is None else start_code[:len(batch)]
         return _decode(model, sample(sampler, sampling, c, uc, [len(batch), *shape], x_T=x_T))
 

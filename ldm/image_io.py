@@ -4,6 +4,7 @@ Every PNG carries a ``parameters`` text chunk (prompt, negative prompt, steps, s
 seed, size, model hash) in the widely read "key: value, ..." layout, and by default the
 invisible "SDV2" watermark the official scripts embed.
 """
+import json
 import logging
 import math
 import re
@@ -31,6 +32,9 @@ PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type"
                     ("Eta", "eta"), ("Timestep spacing", "spacing"), ("CFG Rescale phi", "guidance_rescale"),
                     ("Denoising strength", "strength"), ("Noise level", "noise_level"),
                     ("Lora hashes", "lora_hashes"))
+# ControlNet units: params["controlnet"] = ["Module: canny, Model: ..., Weight: 1, ...", ...], written as
+# "ControlNet 0: \"...\"", "ControlNet 1: ..." (see cldm.infotext)
+CONTROLNET_KEY, CONTROLNET_LABEL = "controlnet", "ControlNet"
 
 
 def tensor_to_images(x):
@@ -91,6 +95,9 @@ def format_parameters(params):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     fields = [f"{label}: {params[key]}" for label, key in PARAMETER_FIELDS
               if params.get(key) is not None]
+    # one field per ControlNet unit, quoted, as sd-webui-controlnet writes them
+    fields += [f"{CONTROLNET_LABEL} {i}: {json.dumps(unit, ensure_ascii=False)}"
+               for i, unit in enumerate(params.get(CONTROLNET_KEY) or ())]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -108,9 +115,15 @@ def parse_parameters(text):
         lines = lines[:i]
     params["prompt"] = "\n".join(lines)
     # a value holding ',' or ':' is JSON-quoted, as A1111 writes it (Lora hashes: "a: 1f2e, b: 3c4d")
-    for item in re.finditer(r'([A-Za-z ]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)', last):
-        if item.group(1) in labels:
-            params[labels[item.group(1)]] = item.group(2)
+    units = {}
+    for item in re.finditer(r'([A-Za-z0-9 ]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)', last):
+        label, value = item.group(1), item.group(2)
+        if label in labels:
+            params[labels[label]] = value
+        elif re.fullmatch(rf"{CONTROLNET_LABEL} \d+", label) and value.startswith('"'):
+            units[int(label.split()[-1])] = json.loads(value)
+    if units:
+        params[CONTROLNET_KEY] = [units[i] for i in sorted(units)]
     return params
 
 

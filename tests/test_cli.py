@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from ldm.image_io import read_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLING_SCRIPTS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "unclip")
+SAMPLING_SCRIPTS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale", "unclip", "controlnet")
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
 
 

@@ -130,3 +130,13 @@ def test_unwritable_folder_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot create the output folder"):
         save_samples([Image.new("RGB", (8, 8))], tmp_path / "file" / "sub", no_watermark=True)
+
+
+def test_controlnet_units_round_trip_as_sd_webui_controlnet_writes_them():
+    units = ["Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Guidance End: 0.5",
+             'Module: none, Model: my "odd" name [e3b0c442], Weight: 0.6']
+    text = format_parameters(dict(prompt="a cat", steps=5, controlnet=units))
+    assert text.endswith('Steps: 5, ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], '
+                         'Weight: 1, Guidance End: 0.5", ControlNet 1: "Module: none, Model: my \\"odd\\" name '
+                         '[e3b0c442], Weight: 0.6"')
+    assert parse_parameters(text) == {"prompt": "a cat", "negative_prompt": "", "steps": "5", "controlnet": units}

@@ -171,3 +171,15 @@ def controlnet_config(context_dim=32, **params):
     config["model"]["params"]["control_stage_config"] = {"target": "cldm.cldm.ControlNet",
                                                          "params": {**control_params, "hint_channels": 3}}
     return config
+
+
+def control_only(model):
+    """A ControlLDM's ControlNet as control-only files hold it: its tensors without ``control_model.``."""
+    return {k[len("control_model."):]: v.clone() for k, v in model.state_dict().items()
+            if k.startswith("control_model.")}
+
+
+def base_only(model):
+    """What an SD checkpoint holds of a ControlLDM: everything but the ControlNet and logvar."""
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if not k.startswith("control_model.") and k != "logvar"}

@@ -5,26 +5,24 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tiny_models import (
+    base_only,
     build_tiny_model,
+    control_only,
     controlnet_config,
     variant_config,
     write_config,
 )
 
-from cldm.loading import config_for, default_config, load_controlnet_model
+from cldm.loading import (
+    config_for,
+    default_config,
+    load_control_net,
+    load_controlnet_model,
+)
 from ldm.checkpoint import REPO_ROOT, load_model, suggest_config
 from ldm.errors import UserError
 
 PREFIX = "control_model."
-
-
-def control_only(model):
-    return {k[len(PREFIX):]: v.clone() for k, v in model.state_dict().items() if k.startswith(PREFIX)}
-
-
-def base_only(model):
-    """What an SD checkpoint holds: everything but the ControlNet and logvar."""
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(PREFIX) and k != "logvar"}
 
 
 def assert_same_weights(model, expected):
@@ -47,7 +45,8 @@ def files(tmp_path_factory):
     base = build_tiny_model(controlnet_config(), seed=3)
     control = build_tiny_model(controlnet_config(), seed=4)
     torch.save({"state_dict": base_only(base), "global_step": 0}, folder / "v1-5-tiny.ckpt")
-    return {"dir": folder, "config": write_config(controlnet_config(), folder / "cldm_tiny.yaml"),
+    torch.save(control.state_dict(), folder / "control_sd15_tiny.pth")
+    return {"full_path": folder / "control_sd15_tiny.pth", "dir": folder, "config": write_config(controlnet_config(), folder / "cldm_tiny.yaml"),
             "base_ckpt": folder / "v1-5-tiny.ckpt", "base": base_only(base), "control": control_only(control),
             "full": control.state_dict()}
 
@@ -193,3 +192,27 @@ def test_load_model_points_a_control_only_file_to_this_loader(files):
     assert "cldm.loading" in suggest_config({PREFIX + k: s for k, s in shapes.items()})
     full = {k: tuple(v.shape) for k, v in files["full"].items()}
     assert "configs/controlnet/cldm_v15.yaml" in suggest_config(full)
+
+
+# ----------------------------------------------------------------------------------- further ControlNets
+def test_a_further_controlnet_beside_the_models_own(files, tmp_path):
+    model = load_controlnet_model(files["full_path"], config_path=files["config"], device="cpu")
+    other = control_only(build_tiny_model(controlnet_config(), seed=6))
+    save_file({k: v.half() for k, v in other.items()}, tmp_path / "control_v11e_sd15_shuffle_fp16.safetensors")
+    net, pooling = load_control_net(tmp_path / "control_v11e_sd15_shuffle_fp16.safetensors", model)
+    assert pooling is True and net is not model.control_model and not net.training
+    assert all(torch.equal(v, other[k].half().float()) for k, v in net.state_dict().items())
+    assert next(net.parameters()).dtype == torch.float32
+    # with its config beside it: built from that config, pooling as it says
+    torch.save({PREFIX + k: v for k, v in other.items()}, tmp_path / "control_v11p_sd15_canny.pth")
+    write_config(controlnet_config(global_average_pooling=True), tmp_path / "control_v11p_sd15_canny.yaml")
+    net, pooling = load_control_net(tmp_path / "control_v11p_sd15_canny.pth", model)
+    assert pooling is True and all(torch.equal(v, other[k]) for k, v in net.state_dict().items())
+
+
+def test_a_further_controlnet_of_another_generation_is_refused(files, tmp_path):
+    model = load_controlnet_model(files["full_path"], config_path=files["config"], device="cpu")
+    torch.save(control_only(build_tiny_model(controlnet_config(context_dim=1024))), tmp_path / "control_sd21.pth")
+    message = one_line_error(lambda: load_control_net(tmp_path / "control_sd21.pth", model))
+    assert "is for SD 2.x (1024-dim text context) but the model's own ControlNet is for a model with 32-dim" \
+        in message

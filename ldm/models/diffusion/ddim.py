@@ -14,14 +14,19 @@ from ldm.modules.diffusionmodules.util import (extract_into_tensor, make_ddim_sa
 logger = logging.getLogger(__name__)
 
 
+def _first_tensor(conditioning):
+    """The first tensor in a conditioning (dict values and lists in order; None entries skipped)."""
+    if isinstance(conditioning, torch.Tensor):
+        return conditioning
+    items = conditioning.values() if isinstance(conditioning, dict) else \
+        conditioning if isinstance(conditioning, list) else ()
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
 def _check_batch(conditioning, batch_size):
+    conditioning = _first_tensor(conditioning_at(conditioning, 0))
     if conditioning is None:
         return
-    conditioning = conditioning_at(conditioning, 0)
-    if isinstance(conditioning, dict):
-        conditioning = next(iter(conditioning.values()))
-    while isinstance(conditioning, list):
-        conditioning = conditioning[0]
     if conditioning.shape[0] != batch_size:
         logger.warning("got %d conditionings but batch-size is %d", conditioning.shape[0], batch_size)
 

@@ -2,7 +2,9 @@
 
 ``GuidedModel`` wraps ``LatentDiffusion.apply_model`` with classifier-free guidance (Ho & Salimans
 2022): out = uncond + scale * (cond - uncond), evaluated as one batch of 2B. The conditioning may
-be a tensor, a list of tensors, or a dict of lists (``c_concat`` / ``c_crossattn`` / ``c_adm``).
+be a tensor, a list of tensors, or a dict of lists (``c_concat`` / ``c_crossattn`` / ``c_adm``); an
+entry that only the conditional side has (ControlNet's guess mode: no control for the unconditional
+half) reaches the model as a ``PartialConditioning`` of the conditional rows.
 ``eps_and_x0`` turns the raw output of an eps- or v-model into (eps, x0), so update rules never
 look at the parameterisation. ``guidance_rescale`` (Lin et al. 2023) tempers the guided output's
 scale: see :func:`rescale_guidance`.
@@ -16,19 +18,38 @@ import torch
 
 from ldm.errors import UserError
 from ldm.models.diffusion import schedule
+from ldm.modules.partial_conditioning import PartialConditioning
 
 
-def _cat_conditioning(uncond, cond):
-    """Stack unconditional and conditional conditioning along the batch, whatever their structure."""
-    if isinstance(cond, dict):
-        return {k: _cat_conditioning(uncond[k], cond[k]) for k in cond}
-    if isinstance(cond, list):
-        return [_cat_conditioning(u, c) for u, c in zip(uncond, cond)]
-    return torch.cat([uncond, cond])
+def _cat_conditioning(uncond, cond, halves):
+    """Stack unconditional and conditional conditioning along the batch, whatever their structure.
+
+    ``halves`` = (rows of the unconditional half, rows of the conditional half). Dicts are stacked
+    key by key; an entry one side lacks (None or absent there) becomes a ``PartialConditioning`` of
+    the other side's rows. Conditioning objects other than tensors stack themselves:
+    ``cond.cat_batch(uncond)``.
+    """
+    if isinstance(cond, dict) and isinstance(uncond, dict):
+        keys = dict.fromkeys([*cond, *uncond])
+        return {k: _cat_conditioning(uncond.get(k), cond.get(k), halves) for k in keys}
+    if uncond is None and cond is None:
+        return None
+    if uncond is None or cond is None:
+        rows = halves[1] if uncond is None else halves[0]
+        return PartialConditioning(cond if uncond is None else uncond, slice(*rows))
+    if isinstance(cond, list) and isinstance(uncond, list):
+        if len(cond) != len(uncond):
+            raise ValueError(f"conditional and unconditional conditioning lists differ in length "
+                             f"({len(cond)} vs {len(uncond)}); put None where one side has no entry")
+        return [_cat_conditioning(u, c, halves) for u, c in zip(uncond, cond)]
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([uncond, cond])
+    return cond.cat_batch(uncond)
 
 
 def conditioning_at(cond, step):
-    """``cond`` with every ``ScheduledConditioning`` in it replaced by its tensor for step ``step``."""
+    """``cond`` with every ``ScheduledConditioning`` in it replaced by its tensor for step ``step`` (any
+    object with ``at(step)`` resolves itself: a ControlNet hint is None outside its step range)."""
     if isinstance(cond, dict):
         return {k: conditioning_at(v, step) for k, v in cond.items()}
     if isinstance(cond, list):
@@ -82,7 +103,9 @@ class GuidedModel:
             return self.model.apply_model(x, t, cond)
         # [2B, ...]: unconditional half first
         uncond = conditioning_at(self.uncond, self.step)
-        out = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), _cat_conditioning(uncond, cond))
+        n = x.shape[0]
+        out = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]),
+                                     _cat_conditioning(uncond, cond, ((0, n), (n, 2 * n))))
         out_uncond, out_cond = out.chunk(2)
         guided = out_uncond + self.scale * (out_cond - out_uncond)
         if self.guidance_rescale == 0:
