@@ -17,7 +17,7 @@ EXIT_USER_ERROR = 2
 DEFAULT_PROMPT = "a professional photograph of an astronaut riding a triceratops"
 # Defaults when the flags are not given: the shipped shapes model was tuned for fewer steps and a
 # lower guidance scale than the official checkpoints (see bench/shapes_fidelity.py).
-SHIPPED_DEFAULTS = {"prompt": "a red circle on a white background", "steps": 25, "scale": 4.0, "sampler": "DDIM"}
+SHIPPED_DEFAULTS = {"prompt": "a red circle on a white background", "steps": 15, "scale": 4.0, "sampler": "DDIM"}
 OFFICIAL_DEFAULTS = {"prompt": DEFAULT_PROMPT, "steps": 50, "scale": 7.5, "sampler": "DDIM"}
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, load_model, read_state_dict
 from ldm.cli import SHIPPED_DEFAULTS
-from ldm.data.shapes import describe
+from ldm.data.shapes import describe, describe_pair, parse_pair_prompt, parse_prompt
 
 
 @pytest.fixture(scope="module")
@@ -12,23 +12,40 @@ def shipped():
     return load_model()  # no paths: the shipped default
 
 
+def _sample(model, prompt, n=2, seed=1):
+    from ldm.generate import txt2img
+    from ldm.models.diffusion.samplers import resolve_sampler
+    sampler, _ = resolve_sampler(SHIPPED_DEFAULTS["sampler"])  # the scripts' default, by its web-UI name
+    return txt2img(model, prompt, steps=SHIPPED_DEFAULTS["steps"], scale=SHIPPED_DEFAULTS["scale"],
+                   sampler=sampler, seed=seed, n_samples=n, progress=False)
+
+
 def test_checkpoint_is_small_and_complete(shipped):
     path = REPO_ROOT / DEFAULT_CKPT
-    assert path.stat().st_size < 32 * 2 ** 20
+    assert path.stat().st_size < 40 * 2 ** 20
     sd = read_state_dict(path)
     assert set(sd) == set(shipped.state_dict())  # strict: nothing missing, nothing extra
     assert float(shipped.scale_factor) > 0.1  # measured from the data (scale_by_std)
 
 
-@pytest.mark.parametrize("prompt,colour,shape", [("a red square", "red", "square"),
-                                                 ("a blue circle on a white background", "blue", "circle")])
-def test_ten_step_sample_reads_back(shipped, prompt, colour, shape):
-    from ldm.generate import txt2img
-    images = txt2img(shipped, prompt, steps=10, scale=SHIPPED_DEFAULTS["scale"], seed=1, n_samples=2,
-                     progress=False)
+@pytest.mark.parametrize("prompt", [SHIPPED_DEFAULTS["prompt"],
+                                    "a large blue square on the left on a black background",
+                                    "a small yellow triangle at the top on a gray background"])
+def test_samples_read_back_every_named_attribute(shipped, prompt):
+    images = _sample(shipped, prompt)
+    wanted = parse_prompt(prompt)
     seen = [describe(image) for image in images]
     assert images[0].size == (64, 64)
-    assert any(s["colour"] == colour and s["shape"] == shape for s in seen), seen
+    assert any(all(s[k] == v for k, v in wanted.items()) for s in seen), (wanted, seen)
+
+
+def test_two_shape_scene_reads_back_with_binding(shipped):
+    prompt = "a red circle on the left and a blue square on the right on a white background"
+    wanted = parse_pair_prompt(prompt)
+    seen = [describe_pair(image) for image in _sample(shipped, prompt, n=3)]
+    expected = {o["position"]: {"colour": o["colour"], "shape": o["shape"]} for o in wanted["objects"]}
+    assert any(s["left"] == expected["left"] and s["right"] == expected["right"] and s["background"] == "white"
+               for s in seen), seen
 
 
 def test_guidance_changes_the_image(shipped):
