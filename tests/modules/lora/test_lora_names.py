@@ -218,7 +218,7 @@ def test_shipped_shapes_model_layout():
         "model.diffusion_model.output_blocks.1.2.conv.weight"
     assert names.resolve("lora_unet_up_blocks_1_upsamplers_0_conv").param == \
         "model.diffusion_model.output_blocks.3.2.conv.weight"
-    assert names.resolve("lora_te_text_model_encoder_layers_1_self_attn_v_proj").rows == (128, 192)
+    assert names.resolve("lora_te_text_model_encoder_layers_1_self_attn_v_proj").rows == (192, 288)  # v rows of the fused 96-wide qkv
     assert names.resolve("lora_te_text_model_encoder_layers_1_mlp_fc2").param == \
         "cond_stage_model.blocks.1.mlp.2.weight"
 
