@@ -9,8 +9,8 @@ from collections import OrderedDict
 import pytest
 import torch
 from a1111_hypernetworks import TINY_WIDTHS
+from adapter_runs import adapter_config, train, train_and_resume
 
-import main as train_main
 from ldm.checkpoint import load_model
 from ldm.errors import UserError
 from ldm.models.personalise.hypernetwork_training import HypernetworkTraining
@@ -39,25 +39,8 @@ def module_shapes(d):
 
 
 def hypernetwork_config(tiny_files, **params):
-    model_params = {"base_config": str(tiny_files.config), "base_ckpt": str(tiny_files.safetensors), **OPTIONS,
-                    **params}
-    return {
-        "model": {"base_learning_rate": 1e-3,
-                  "target": "ldm.models.personalise.hypernetwork_training.HypernetworkTraining",
-                  "params": model_params},
-        "data": {"target": "main.DataModuleFromConfig", "params": {
-            "batch_size": 2, "num_workers": 0,
-            "train": {"target": "ldm.data.shapes_concepts.ShapesConcept",
-                      "params": {"concept": "outline", "length": 4, "size": 16, "image_key": "jpg",
-                                 "caption_key": "txt"}}}},
-        "lightning": {"trainer": {"log_every_n_steps": 1, "enable_progress_bar": False,
-                                  "enable_model_summary": False},
-                      "callbacks": {"image_logger": {"params": {"disabled": True}}}},
-    }
-
-
-def train(args):
-    return train_main.main([*args, "-t", "--accelerator", "cpu"])
+    return adapter_config(tiny_files, "ldm.models.personalise.hypernetwork_training.HypernetworkTraining", 1e-3,
+                          {"concept": "outline"}, **{**OPTIONS, **params})
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +48,9 @@ def trained(tmp_path_factory, tiny, tiny_files):
     """Train 3 steps, keeping the module main.py built and its layers' starting values, then resume to step 5."""
     folder = tmp_path_factory.mktemp("hypernetwork")
     config = tiny.write_config(hypernetwork_config(tiny_files), folder / "tiny-hypernetwork.yaml")
-    built, initial = [], []
-    original_on_train_start, original_on_train_end = (HypernetworkTraining.on_train_start,
-                                                      HypernetworkTraining.on_train_end)
-
-    def snapshot(module):
-        initial.append({k: v.clone() for k, v in module.layers.state_dict().items()})
-        original_on_train_start(module)
-
-    def keep(module):
-        built.append(module)
-        original_on_train_end(module)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(HypernetworkTraining, "on_train_start", snapshot)
-        patch.setattr(HypernetworkTraining, "on_train_end", keep)
-        assert train(["--base", str(config), "--max_steps", "3", "--logdir", str(folder / "logs"), "-n", "hn"]) == 0
-        run = next((folder / "logs").iterdir())
-        first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-        first_file = torch.load(run / "adapters" / f"{NAME}.pt", weights_only=True)
-        assert train(["--resume", str(run), "--max_steps", "5"]) == 0
-    return {"run": run, "first": first, "first_file": first_file, "initial": initial[0], "module": built[-1],
-            "resumed": torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)}
+    return train_and_resume(HypernetworkTraining, config, folder / "logs", "hn",
+                            on_start=lambda module: {k: v.clone() for k, v in module.layers.state_dict().items()},
+                            after_first=lambda run: torch.load(run / "adapters" / f"{NAME}.pt", weights_only=True))
 
 
 def layer_keys():

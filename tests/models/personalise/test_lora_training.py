@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
+from adapter_runs import adapter_config, train, train_and_resume
 from safetensors import safe_open
 from safetensors.torch import save
 from tiny_models import build_tiny_model, tiny_config, write_config
 
-import main as train_main
 from ldm.checkpoint import load_model
 from ldm.errors import UserError
 from ldm.models.personalise.lora_training import LoraTraining, kohya_targets
@@ -78,25 +78,10 @@ def kohya_layers(unet=("transformer",), text_layers=()):
 
 
 def lora_config(tiny_files, **params):
-    model_params = {"base_config": str(tiny_files.config), "base_ckpt": str(tiny_files.safetensors), "rank": RANK,
-                    "alpha": ALPHA, "targets": ["transformer", "resnet"], "conv_rank": CONV_RANK,
-                    "conv_alpha": CONV_ALPHA, "train_text_encoder": True, "name": NAME, **params}
-    return {
-        "model": {"base_learning_rate": 1e-3, "target": "ldm.models.personalise.lora_training.LoraTraining",
-                  "params": model_params},
-        "data": {"target": "main.DataModuleFromConfig", "params": {
-            "batch_size": 2, "num_workers": 0,
-            "train": {"target": "ldm.data.shapes_concepts.ShapesConcept",
-                      "params": {"concept": "outline", "length": 4, "size": 16, "image_key": "jpg",
-                                 "caption_key": "txt"}}}},
-        "lightning": {"trainer": {"log_every_n_steps": 1, "enable_progress_bar": False,
-                                  "enable_model_summary": False},
-                      "callbacks": {"image_logger": {"params": {"disabled": True}}}},
-    }
-
-
-def train(args):
-    return train_main.main([*args, "-t", "--accelerator", "cpu"])
+    options = {"rank": RANK, "alpha": ALPHA, "targets": ["transformer", "resnet"], "conv_rank": CONV_RANK,
+               "conv_alpha": CONV_ALPHA, "train_text_encoder": True, "name": NAME, **params}
+    return adapter_config(tiny_files, "ldm.models.personalise.lora_training.LoraTraining", 1e-3,
+                          {"concept": "outline"}, **options)
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +90,9 @@ def trained(tmp_path_factory, tiny, tiny_files):
     then resume the run up to step 5."""
     folder = tmp_path_factory.mktemp("lora")
     config = tiny.write_config(lora_config(tiny_files), folder / "tiny-lora.yaml")
-    built = []
-    original_on_train_end = LoraTraining.on_train_end
-
-    def keep(module):
-        built.append(module)
-        original_on_train_end(module)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(LoraTraining, "on_train_end", keep)
-        assert train(["--base", str(config), "--max_steps", "3", "--logdir", str(folder / "logs"), "-n", "lora"]) == 0
-        run = next((folder / "logs").iterdir())
-        first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-        first_file = (run / "adapters" / f"{NAME}.safetensors").read_bytes()
-        assert train(["--resume", str(run), "--max_steps", "5"]) == 0
-    return {"run": run, "first": first, "first_file": first_file, "module": built[-1],
-            "resumed": torch.load(run / "checkpoints" / "last.ckpt", weights_only=True),
-            "file": run / "adapters" / f"{NAME}.safetensors"}
+    run = train_and_resume(LoraTraining, config, folder / "logs", "lora",
+                           after_first=lambda run: (run / "adapters" / f"{NAME}.safetensors").read_bytes())
+    return {**run, "file": run["run"] / "adapters" / f"{NAME}.safetensors"}
 
 
 @torch.no_grad()

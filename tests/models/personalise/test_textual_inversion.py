@@ -5,15 +5,24 @@ import hashlib
 
 import pytest
 import torch
+from adapter_runs import adapter_config, train, train_and_resume
 from safetensors import safe_open
 
-import main as train_main
 from ldm.checkpoint import load_model
 from ldm.errors import UserError
 from ldm.models.personalise.textual_inversion import TextualInversion
-from ldm.modules.encoders.embeddings import (Embedding, EmbeddingSet, load_embeddings, read_embedding_file,
-                                             use_embeddings)
-from ldm.modules.encoders.modules import CLIPTokenTransformerEmbedder, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+from ldm.modules.encoders.embeddings import (
+    Embedding,
+    EmbeddingSet,
+    load_embeddings,
+    read_embedding_file,
+    use_embeddings,
+)
+from ldm.modules.encoders.modules import (
+    CLIPTokenTransformerEmbedder,
+    FrozenCLIPEmbedder,
+    FrozenOpenCLIPEmbedder,
+)
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer
 from ldm.modules.freeze import freeze_module
 
@@ -22,24 +31,9 @@ A1111_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoi
 
 
 def ti_config(tiny_files, **params):
-    model_params = {"base_config": str(tiny_files.config), "base_ckpt": str(tiny_files.safetensors),
-                    "token": TOKEN, "init_word": INIT_WORD, "n_vectors": N_VECTORS, **params}
-    return {
-        "model": {"base_learning_rate": 5e-3, "target": "ldm.models.personalise.textual_inversion.TextualInversion",
-                  "params": model_params},
-        "data": {"target": "main.DataModuleFromConfig", "params": {
-            "batch_size": 2, "num_workers": 0,
-            "train": {"target": "ldm.data.shapes_concepts.ShapesConcept",
-                      "params": {"concept": "colour", "word": TOKEN, "length": 4, "size": 16,
-                                 "image_key": "jpg", "caption_key": "txt"}}}},
-        "lightning": {"trainer": {"log_every_n_steps": 1, "enable_progress_bar": False,
-                                  "enable_model_summary": False},
-                      "callbacks": {"image_logger": {"params": {"disabled": True}}}},
-    }
-
-
-def train(args):
-    return train_main.main([*args, "-t", "--accelerator", "cpu"])
+    return adapter_config(tiny_files, "ldm.models.personalise.textual_inversion.TextualInversion", 5e-3,
+                          {"concept": "colour", "word": TOKEN},
+                          **{"token": TOKEN, "init_word": INIT_WORD, "n_vectors": N_VECTORS, **params})
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +41,7 @@ def trained(tmp_path_factory, tiny, tiny_files):
     """Train 3 steps, keeping the module main.py built, then resume the run up to step 5."""
     folder = tmp_path_factory.mktemp("ti")
     config = tiny.write_config(ti_config(tiny_files), folder / "tiny-ti.yaml")
-    built = []
-    original_on_train_end = TextualInversion.on_train_end
-
-    def keep(module):
-        built.append(module)
-        original_on_train_end(module)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TextualInversion, "on_train_end", keep)
-        assert train(["--base", str(config), "--max_steps", "3", "--logdir", str(folder / "logs"), "-n", "ti"]) == 0
-        run = next((folder / "logs").iterdir())
-        first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-        assert train(["--resume", str(run), "--max_steps", "5"]) == 0
-    return {"run": run, "first": first, "resumed": torch.load(run / "checkpoints" / "last.ckpt", weights_only=True),
-            "module": built[-1]}
+    return train_and_resume(TextualInversion, config, folder / "logs", "ti")
 
 
 def initial_vectors(tiny_files):
