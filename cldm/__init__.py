@@ -8,4 +8,5 @@
     preprocess.py  hints from images: canny, scribble, threshold, MiDaS depth, or the image itself
     infotext.py    the units in PNG metadata, as sd-webui-controlnet writes them
     cli.py         the flags of scripts/controlnet.py
+    training.py    training through main.py: hint batches, the locked U-Net, tool_add_control initialisation
 """

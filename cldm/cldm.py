@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cldm.control import ControlHint, control_inputs
+from cldm.training import ControlTrainingMixin
 from ldm.errors import UserError
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetModel
@@ -130,7 +131,7 @@ def _check_scales(scales, control_model):
                         f"{control_model.num_residuals} residuals; give one scale per residual")
 
 
-class ControlLDM(LatentDiffusion):
+class ControlLDM(ControlTrainingMixin, LatentDiffusion):
     """Latent diffusion whose U-Net (a ``ControlledUnetModel``) is steered by ``control_model``.
 
     The conditioning is a dict: ``c_crossattn`` [text context] and ``c_concat`` [hint] (None: no
@@ -138,7 +139,8 @@ class ControlLDM(LatentDiffusion):
     with their own weights and step ranges. ``control_scales`` weight the residuals of a plain
     ``[hint]`` (one per residual: 13 for SD, see :func:`control_scales`); ``only_mid_control`` adds
     only the middle block's; ``global_average_pooling`` (ControlNet 1.1 shuffle) averages each residual over its pixels;
-    ``sd_locked`` False also trains the U-Net's decoder (:meth:`trainable_parameters`).
+    ``sd_locked`` False also trains the U-Net's decoder (:meth:`trainable_parameters`). Training through
+    main.py: ``cldm.training``.
     """
 
     def __init__(self, control_stage_config, control_key, only_mid_control, *args, global_average_pooling=False,

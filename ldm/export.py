@@ -59,12 +59,13 @@ def _umask():
     return mask
 
 
-def export_weights(ckpt_path, out_path, use_ema=True, half=False, overwrite=False):
+def export_weights(ckpt_path, out_path, use_ema=True, half=False, overwrite=False, only_prefix=None):
     """Write the inference weights of ``ckpt_path`` to ``out_path`` (.safetensors); returns a summary dict.
 
     ``use_ema`` copies EMA weights in when the checkpoint has them (it is not an error if it has none);
     ``half`` stores floating-point tensors as float16, otherwise float32. An existing ``out_path`` is
-    refused, and left as it is, unless ``overwrite``.
+    refused, and left as it is, unless ``overwrite``. ``only_prefix`` keeps only the tensors whose
+    names start with it (``control_model.``: a ControlNet-only file, as the released extracts are).
     """
     from safetensors.torch import save_file
 
@@ -79,7 +80,9 @@ def export_weights(ckpt_path, out_path, use_ema=True, half=False, overwrite=Fals
     copied = apply_ema(sd) if use_ema and has_ema else 0
     dtype = torch.float16 if half else torch.float32
     out = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
-           for k, v in sd.items() if not k.startswith(DROPPED_PREFIXES)}
+           for k, v in sd.items() if not k.startswith(DROPPED_PREFIXES) and k.startswith(only_prefix or "")}
+    if not out:
+        raise UserError(f"checkpoint '{ckpt_path}' has no tensors named {only_prefix}*; nothing to export")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "source": Path(ckpt_path).name, "source_sha256": file_hash(ckpt_path, length=64),
                 "ema": str(bool(copied)).lower(), "dtype": str(dtype).replace("torch.", "")}

@@ -131,14 +131,30 @@ def _colour_and_shape(stats):
     return _nearest(stats["shape_rgb"], COLOUR_RGB), min(stats["misfit"], key=stats["misfit"].get)
 
 
-def _shape_mask(rgb, background_rgb):
+def _foreground(rgb, background_rgb):
+    """Every pixel that stands out from the background (any number of regions), or None."""
     distance = np.linalg.norm(rgb - background_rgb, axis=-1)
     seed = distance > SEED_DISTANCE
     if seed.sum() < MIN_SHAPE_PIXELS:
         return None
     contrast = float(np.median(distance[seed]))
-    mask = _largest_component(distance > max(contrast / 2, SEED_DISTANCE / 2))
+    return distance > max(contrast / 2, SEED_DISTANCE / 2)
+
+
+def _shape_mask(rgb, background_rgb):
+    foreground = _foreground(rgb, background_rgb)
+    if foreground is None:
+        return None
+    mask = _largest_component(foreground)
     return mask if mask.sum() >= MIN_SHAPE_PIXELS else None
+
+
+def drawn_pixels(image):
+    """[64, 64] bool: the pixels of ``image`` (as :func:`describe` takes it, resized to 64x64) that stand
+    out from the background, every region of them, not only the shape's; all False when none do."""
+    smooth = np.asarray(_to_pil(image).filter(ImageFilter.MedianFilter(3)), dtype=np.float32) / 255
+    foreground = _foreground(smooth, _border_colour(smooth))
+    return np.zeros((SIDE, SIDE), dtype=bool) if foreground is None else foreground
 
 
 def _coverage(shape, cx, cy, area):

@@ -28,7 +28,8 @@ def import_gradio():
     return gradio
 
 
-def parse_args(description, argv):
+def parse_args(description, argv, add_flags=None):
+    """The flags every demo takes, and those ``add_flags(parser)`` adds."""
     parser = ArgumentParser(description=description)
     add = parser.add_argument
     add("--ckpt", type=str, default=None, help="checkpoint .ckpt/.safetensors (default: the shipped model)")
@@ -40,6 +41,8 @@ def parse_args(description, argv):
     add("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
     add("--no-watermark", action="store_true", help="do not embed the invisible watermark")
     add("--verbose", action="store_true", help="log details")
+    if add_flags is not None:
+        add_flags(parser)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be from 1 to 65535, got {args.port}")
@@ -174,14 +177,16 @@ def page_handler(args):
     return decorate
 
 
-def serve(build, argv, doc, families, example=None):
-    """Parse flags (``doc``'s first line describes them), load the model (one of ``families``, see
-    :func:`load_model`), build the page with ``build(args, model)`` and serve it until interrupted."""
+def serve(build, argv, doc, families, example=None, add_flags=None, load=None):
+    """Parse flags (``doc``'s first line describes them; ``add_flags(parser)`` adds the demo's own), load
+    the model (``load(args)``, by default one of ``families``, see :func:`load_model`), build the page
+    with ``build(args, model)`` and serve it until interrupted."""
     def body(argv):
-        args = parse_args(doc.splitlines()[0], argv)
+        args = parse_args(doc.splitlines()[0], argv, add_flags)
         setup_logging(args.verbose)
         import_gradio()
-        demo = build(args, load_model(args, families, example))
+        model = load(args) if load is not None else load_model(args, families, example)
+        demo = build(args, model)
         demo.queue(default_concurrency_limit=1)
         print(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
         demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,

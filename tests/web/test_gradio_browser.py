@@ -1,6 +1,7 @@
 """The web demos: the txt2img page driven in a real headless Chromium (type a prompt, press
 Generate, an image comes back), and every demo's page and handler on tiny models. Skipped where
 gradio (or, for the browser test, playwright or Chromium) is missing; .ci/install-browser installs them."""
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-
-from tiny_models import depth_config, upscale_config
+from tiny_models import controlnet_config, depth_config, upscale_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,14 +49,14 @@ def wait_until_serving(url, process, log):
     pytest.fail(f"the demo did not answer at {url}:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def txt2img_demo(tiny_files, tmp_path):
-    """The txt2img demo on a free localhost port with the tiny checkpoint; yields its URL."""
+@contextlib.contextmanager
+def serving(demo, flags, tmp_path):
+    """``scripts/gradio/<demo>.py`` with ``flags`` on a free localhost port; yields its URL."""
     port = free_port()
-    log = tmp_path / "demo.log"
+    log = tmp_path / f"{demo}.log"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "gradio" / "txt2img.py"), "--ckpt", str(tiny_files.ckpt),
-               "--config", str(tiny_files.config), "--device", "cpu", "--port", str(port)]
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "gradio" / f"{demo}.py"), *map(str, flags),
+               "--device", "cpu", "--port", str(port)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -71,7 +72,8 @@ def txt2img_demo(tiny_files, tmp_path):
             process.wait()
 
 
-def test_prompt_to_image_in_the_browser(txt2img_demo):
+@contextlib.contextmanager
+def browser_page():
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
                                                                        "(.ci/install-browser)")
     if not os.access(CHROMIUM, os.X_OK):
@@ -79,23 +81,52 @@ def test_prompt_to_image_in_the_browser(txt2img_demo):
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.goto(txt2img_demo, wait_until="domcontentloaded")
-            prompt = page.get_by_label("Prompt", exact=True)
-            prompt.fill("a red circle on a white background")
-            page.get_by_role("button", name="Generate").click()
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#result img')].some(im => im.complete && im.naturalWidth > 0)",
-                timeout=GENERATE_SECONDS * 1000)
-            images = page.eval_on_selector_all(
-                "#result img", "ims => ims.map(im => [im.src, im.naturalWidth, im.naturalHeight])")
+            yield browser.new_page()
         finally:
             browser.close()
-    shown = [(src, w, h) for src, w, h in images if w > 0]
-    assert shown, images
+
+
+def shown_images(page, selector):
+    """(src, width, height) of the loaded images under ``selector``, once there is one."""
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('{selector} img')].some(im => im.complete && im.naturalWidth > 0)",
+        timeout=GENERATE_SECONDS * 1000)
+    images = page.eval_on_selector_all(f"{selector} img",
+                                       "ims => ims.map(im => [im.src, im.naturalWidth, im.naturalHeight])")
+    return [(src, w, h) for src, w, h in images if w > 0]
+
+
+def test_prompt_to_image_in_the_browser(tiny_files, tmp_path):
+    with serving("txt2img", ["--ckpt", tiny_files.ckpt, "--config", tiny_files.config], tmp_path) as url, \
+            browser_page() as page:
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_label("Prompt", exact=True).fill("a red circle on a white background")
+        page.get_by_role("button", name="Generate").click()
+        shown = shown_images(page, "#result")
+    assert shown
     src, width, height = shown[0]
-    assert src.startswith(("data:image/", txt2img_demo)), src
+    assert src.startswith(("data:image/", url)), src
     assert (width, height) == (16, 16)    # the tiny model's native size
+
+
+def test_hint_to_image_in_the_browser(tiny, tmp_path):
+    """The ControlNet page: upload a mask as the hint, generate, and the image and the hint used come back."""
+    model = tiny.build(controlnet_config())
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "control_tiny.ckpt")
+    config = tiny.write_config(controlnet_config(), tmp_path / "control_tiny.yaml")
+    mask_path = tmp_path / "mask.png"
+    box_mask(64).save(mask_path)
+    with serving("controlnet", ["--ckpt", tmp_path / "control_tiny.ckpt", "--config", config], tmp_path) as url, \
+            browser_page() as page:
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_label("Prompt", exact=True).fill("a red square")
+        page.locator("input[type=file]").first.set_input_files(str(mask_path))
+        page.wait_for_function("() => document.querySelectorAll('img').length > 0", timeout=60000)
+        page.get_by_role("button", name="Generate").click()
+        results = shown_images(page, "#result")
+        hints = shown_images(page, "#hint")
+    assert [(w, h) for _, w, h in results][:1] == [(16, 16)]
+    assert [(w, h) for _, w, h in hints] == [(64, 64)]    # 8x the 8x8 latent
 
 
 # ------------------------------------------------------------------------------------------- every demo, no browser
@@ -110,6 +141,13 @@ def load_demo(name, monkeypatch):
 def demo_args(module):
     """Flags naming some checkpoint (the model itself is passed in), so the official defaults apply."""
     return sys.modules["webui"].parse_args("test", ["--ckpt", "x.ckpt", "--config", "x.yaml", "--device", "cpu"])
+
+
+def box_mask(side):
+    """A white square on black: where the shape goes, as the shapes ControlNet's hints are."""
+    mask = np.zeros((side, side, 3), dtype=np.uint8)
+    mask[side // 4:side // 2, side // 4:3 * side // 4] = 255
+    return Image.fromarray(mask)
 
 
 def rgb(w, h):
@@ -180,3 +218,28 @@ def test_bad_port_is_one_line(monkeypatch, capsys):
     demo = load_demo("txt2img", monkeypatch)
     assert demo.main(["--port", "70000"]) == 2
     assert capsys.readouterr().err.splitlines() == ["error: --port must be from 1 to 65535, got 70000"]
+
+
+def test_controlnet_page_steers_with_the_hint_and_shows_it(monkeypatch, tiny):
+    model = tiny.build(controlnet_config(), seed=1)   # random zero convs: the hint changes the image
+    demo = load_demo("controlnet", monkeypatch)
+    args = demo_args(demo)
+    assert isinstance(demo.build(args, model=model), gr.Blocks)
+    generate = demo.make_generate(model, args)
+    images, hint = generate(*SETTINGS, box_mask(32), "none", 1.0, False)
+    assert images[0].size == (16, 16) and hint.size == (64, 64)     # the hint is made at 8x the latent
+    off, _ = generate(*SETTINGS, box_mask(32), "none", 0.0, False)
+    other, _ = generate(*SETTINGS, box_mask(32).transpose(Image.Transpose.FLIP_TOP_BOTTOM), "none", 1.0, False)
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))     # the hint steers
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(off[0]))       # at the strength given
+    with pytest.raises(gr.Error, match="upload an image first"):
+        generate(*SETTINGS, None, "none", 1.0, False)
+    with pytest.raises(gr.Error, match="blank"):
+        generate(*SETTINGS, Image.new("RGB", (32, 32)), "none", 1.0, False)
+
+
+def test_controlnet_demo_flags_are_checked(monkeypatch, capsys):
+    demo = load_demo("controlnet", monkeypatch)
+    assert demo.main(["--control", "c.safetensors", "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --control needs --ckpt, the base checkpoint the ControlNet is attached to"]

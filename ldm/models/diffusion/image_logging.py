@@ -125,8 +125,8 @@ def log_images(model, batch, N=8, n_row=4, sample=True, ddim_steps=50, ddim_eta=
             log["denoise_row"] = denoise_row(model, intermediates["pred_x0"])
     if unconditional_guidance_scale > 1.0:
         uc = unconditional_conditioning(model, N, unconditional_guidance_label)
-        if model.model.conditioning_key == "crossattn-adm":
-            uc = {"c_crossattn": [uc], "c_adm": c["c_adm"]}
+        if isinstance(c, dict):   # hints, masks, image embeddings: the same on both sides of guidance
+            uc = {**c, "c_crossattn": [uc]}
         with ema_scope("Sampling with classifier-free guidance"):
             samples_cfg, _ = sample_log(model, c, N, ddim_steps, ddim_eta,
                                         unconditional_guidance_scale=unconditional_guidance_scale,
