@@ -11,6 +11,13 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+
+
+def shown_path(path):
+    """``path`` relative to the repo when it is inside it (the same on every clone), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def new_results_path(name, folder=None, now=None):

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, write_results
+from _results import add_out_arguments, results_path, shown_path, write_results
 
 from ldm.cli import ArgumentParser, run
 from ldm.data.shapes import (
@@ -211,8 +211,8 @@ def _main(argv):
     free_records = [r for r in records if r["position"] is None]
     result = {
         "command": shlex.join(["python", "bench/controlnet.py", *argv]),
-        "control": {"path": str(control), "sha256": file_hash(control, length=64)},
-        "base_model": {"path": str(base_ckpt), "sha256": file_hash(base_ckpt, length=64)},
+        "control": {"path": shown_path(control), "sha256": file_hash(control, length=64)},
+        "base_model": {"path": shown_path(base_ckpt), "sha256": file_hash(base_ckpt, length=64)},
         "settings": {**settings, "images": len(records), "named_hints": len(named), "free_hints": len(free),
                      "threads": torch.get_num_threads(), "inside_fraction": INSIDE},
         "seconds_per_image": seconds / len(records),

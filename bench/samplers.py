@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, write_results  # noqa: E402
+from _results import add_out_arguments, results_path, shown_path, write_results  # noqa: E402
 from ldm.cli import OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, ArgumentParser, run  # noqa: E402
 from ldm.errors import UserError  # noqa: E402
 from ldm.models.diffusion.k_sampling import STOCHASTIC_SAMPLERS  # noqa: E402
@@ -364,12 +364,6 @@ def print_report(report):
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"\nwall time {report['wall_seconds']:.0f} s")
-
-
-def shown_path(path):
-    """``path`` relative to the repo when it is inside it (the same on every clone), else absolute."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def machine_record(threads):

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, write_results  # noqa: E402
+from _results import add_out_arguments, results_path, shown_path, write_results  # noqa: E402
 from ldm.cli import ArgumentParser, run  # noqa: E402
 from ldm.data.shapes import (ALL_PAIRS, ATTRIBUTES, HELD_OUT_PAIRS, describe, describe_pair,  # noqa: E402
                              pair_prompt_set, parse_pair_prompt, parse_prompt, prompt_set)
@@ -72,12 +72,6 @@ def score_scenes(records):
         hits = [r["correct"][name] for r in records if name in r["correct"]]
         table[name] = {"accuracy": sum(hits) / len(hits) if hits else None, "n": len(hits)}
     return table
-
-
-def shown_path(path):
-    """``path`` relative to the repo when it is inside it (the same on every clone), else absolute."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def model_record(config, ckpt):

@@ -127,3 +127,23 @@ def test_shapes_defaults_on_the_tiny_model_scores_every_run(bench, tiny_files, t
         assert 0 <= run["worst"] <= run["fidelity"] <= 100
     assert result["pick"] == {k: defaults.pick(result["runs"], 1.0)[k] for k in ("sampler", "steps")}
     assert defaults.main(args) == 2                   # the file exists now: refused without --force
+
+
+def test_controlnet_bench_refuses_an_existing_out_before_loading(bench, committed, capsys):
+    assert bench.load("controlnet").main(["--control", "missing.safetensors", "--out", str(committed)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {committed} exists; pass --force")
+    assert committed.read_text() == '{"the": "committed numbers"}'
+
+
+def test_controlnet_bench_reads_the_region_and_the_position(bench):
+    from ldm.data.shapes_control import ShapesControl, region_box
+    controlnet = bench.load("controlnet")
+    data = ShapesControl(length=8, free_fraction=0.0)
+    for i in range(len(data)):
+        attributes, (cx, cy, extent), image, _ = data.example(i)
+        box = region_box(attributes["shape"], cx, cy, extent)
+        _, correct = controlnet.read(image, box, attributes["position"], attributes["colour"], attributes["shape"])
+        assert all(correct.values()), (attributes, correct)
+        moved = (box[0] + 0.3, box[1], box[2] + 0.3, box[3]) if cx < 0.5 else (box[0] - 0.3, box[1], box[2] - 0.3, box[3])
+        _, correct = controlnet.read(image, moved, None, attributes["colour"], attributes["shape"])
+        assert not correct["inside"]
