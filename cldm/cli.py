@@ -2,18 +2,18 @@
 settings, loading them, and turning them into ``cldm.generate.ControlUnit``s and PNG metadata.
 
 Per-unit flags (``--hint``, ``--preprocess``, ``--control-strength``, ``--control-start``,
-``--control-end``) are given once (for every ``--control``) or once per ``--control``, in order.
+``--control-end``, ``--resize-mode``) are given once (for every ``--control``) or once per ``--control``, in order.
 """
 from pathlib import Path
 
-from cldm.preprocess import PREPROCESSORS
+from cldm.preprocess import PREPROCESSORS, RESIZE_MODES
 from ldm.cli import existing_file, number_in
 from ldm.errors import UserError
 
 # flag -> (args attribute, default): the settings each ControlNet unit has
 UNIT_FLAGS = {"--hint": ("hint", None), "--preprocess": ("preprocess", "none"),
               "--control-strength": ("control_strength", 1.0), "--control-start": ("control_start", 0.0),
-              "--control-end": ("control_end", 1.0)}
+              "--control-end": ("control_end", 1.0), "--resize-mode": ("resize_mode", "crop-and-resize")}
 MIDAS_TYPES = ("dpt_hybrid", "dpt_large", "midas_v21", "midas_v21_small")
 
 
@@ -33,6 +33,9 @@ def add_controlnet_args(parser):
         help="fraction of the steps after which the ControlNet starts acting (default 0)")
     add("--control-end", type=number_in("--control-end", 0.0, 1.0), action="append", default=None,
         help="fraction of the steps after which it stops (default 1)")
+    add("--resize-mode", choices=list(RESIZE_MODES), action="append", default=None,
+        help="fitting a hint image of another aspect ratio: crop-and-resize (default: cover, cut the overhang), "
+             "resize-and-fill (fit inside, pad with black), just-resize (stretch); as sd-webui-controlnet's")
     add("--guess-mode", action="store_true",
         help="residual i weighted 0.825 ** (12 - i) and no control on the unconditional side of guidance "
              "(sd-webui-controlnet's 'ControlNet is more important'); try it with an empty prompt")
@@ -127,7 +130,7 @@ def control_units(args, model):
         name = unit["preprocess"]
         hint = preprocess(open_hint_image(unit["hint"]), name, hint_size(model, H, W, net), low=args.canny_low,
                           high=args.canny_high, threshold=args.threshold, midas=midas,
-                          what=f"hint image '{unit['hint']}'")
+                          what=f"hint image '{unit['hint']}'", resize_mode=unit["resize_mode"])
         units.append(ControlUnit(hint, unit["control_strength"], unit["control_start"], unit["control_end"],
                                  args.guess_mode, net, pooling))
         hints.append(hint)
@@ -135,6 +138,7 @@ def control_units(args, model):
                       "threshold": (args.threshold, None)}.get(name, (None, None))
         texts.append(unit_text(name, label, weight=unit["control_strength"], start=unit["control_start"],
                                end=unit["control_end"], guess_mode=args.guess_mode,
+                               resize_mode=RESIZE_MODES[unit["resize_mode"]],
                                processor_res=None if name == "none" else min(hint.size),
                                threshold_a=thresholds[0], threshold_b=thresholds[1]))
     return units, hints, texts

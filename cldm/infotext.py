@@ -6,7 +6,7 @@ them back into its ControlNet units:
     Guidance End: 1, Pixel Perfect: True, Control Mode: Balanced, Hr Option: Both, Save Detected Map: True"
 
 The model is named as its UI lists it: the file's stem and A1111's old 8-digit model hash. Our hints
-are stretched to the output size ("Just Resize") and made at that size ("Pixel Perfect"); guess
+are fitted to the output size by the unit's resize mode and made at that size ("Pixel Perfect"); guess
 mode is its "ControlNet is more important" (the 0.825 ** (12 - i) weights, no control on the
 unconditional half).
 """
@@ -33,11 +33,11 @@ def _text(value):
 
 
 def unit_text(preprocessor, model, *, weight=1.0, start=0.0, end=1.0, guess_mode=False, processor_res=None,
-              threshold_a=None, threshold_b=None):
+              threshold_a=None, threshold_b=None, resize_mode="Crop and Resize"):
     """The value of one ``ControlNet N`` field; ``model`` as :func:`model_label` makes it, the
     preprocessor settings (resolution, thresholds) None where the preprocessor has none."""
     fields = (("Module", MODULE_NAMES.get(preprocessor, preprocessor)), ("Model", model), ("Weight", weight),
-              ("Resize Mode", "Just Resize"), ("Low Vram", False), ("Processor Res", processor_res),
+              ("Resize Mode", resize_mode), ("Low Vram", False), ("Processor Res", processor_res),
               ("Threshold A", threshold_a), ("Threshold B", threshold_b), ("Guidance Start", start),
               ("Guidance End", end), ("Pixel Perfect", True), ("Control Mode", CONTROL_MODES[bool(guess_mode)]),
               ("Hr Option", "Both"), ("Save Detected Map", True))

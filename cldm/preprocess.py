@@ -7,7 +7,10 @@
     none       the image is the hint already (an edge map, a depth map, a mask, ...)
 
 The detectors run on the image resized to the hint size, as ControlNet's demos run them at the output
-resolution. Hints come back as RGB images; ``hint_tensor`` makes the [1, C, H, W] tensor in [0, 1]
+resolution. An image of another shape than the hint is fitted as sd-webui-controlnet's resize modes
+do: "crop-and-resize" (its default) scales it to cover the hint and cuts the overhang off both sides
+evenly, "resize-and-fill" scales it to fit inside and pads the hint with black (no edges, no mask, far
+depth) on both sides, "just-resize" stretches it. Hints come back as RGB images; ``hint_tensor`` makes the [1, C, H, W] tensor in [0, 1]
 the ControlNet reads. Problems with the image are one-line ``UserError``s.
 """
 from pathlib import Path
@@ -21,6 +24,8 @@ PREPROCESSORS = ("canny", "depth", "scribble", "threshold", "none")
 # the names sd-webui-controlnet writes for these into PNG metadata ("Module: ...")
 MODULE_NAMES = {"canny": "canny", "depth": "depth_midas", "scribble": "scribble", "threshold": "threshold",
                 "none": "none"}
+# flag value -> the name sd-webui-controlnet writes ("Resize Mode: ...")
+RESIZE_MODES = {"crop-and-resize": "Crop and Resize", "just-resize": "Just Resize", "resize-and-fill": "Resize and Fill"}
 DEPTH_WEIGHTS_ADVICE = "give a MiDaS weights file (e.g. dpt_hybrid-midas-501f0c75.pt), or a depth map with 'none'"
 
 
@@ -49,16 +54,48 @@ def as_rgb(image, what="hint image"):
     return image.convert("RGB")
 
 
-def preprocess(image, name, size, *, low=100, high=200, threshold=127, midas=None, what="hint image"):
+def centre_crop_to_aspect(image, size):
+    """The middle of ``image`` with the aspect ratio of ``size`` (w, h), as large as it fits."""
+    width, height = image.size
+    scale = max(size[0] / width, size[1] / height)
+    keep_w, keep_h = min(width, round(size[0] / scale)), min(height, round(size[1] / scale))
+    left, top = (width - keep_w) // 2, (height - keep_h) // 2
+    return image.crop((left, top, left + keep_w, top + keep_h))
+
+
+def inner_size(image_size, size):
+    """The largest (w, h) of ``image_size``'s aspect ratio inside ``size``."""
+    scale = min(size[0] / image_size[0], size[1] / image_size[1])
+    return max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale))
+
+
+def pad_centred(hint, size):
+    canvas = Image.new("RGB", size)
+    canvas.paste(hint, ((size[0] - hint.size[0]) // 2, (size[1] - hint.size[1]) // 2))
+    return canvas
+
+
+def preprocess(image, name, size, *, low=100, high=200, threshold=127, midas=None, what="hint image",
+               resize_mode="crop-and-resize"):
     """The hint (RGB PIL image of ``size`` (w, h)) that preprocessor ``name`` makes of ``image``.
 
     ``low``/``high``: canny's thresholds; ``threshold``: scribble's and threshold's binarisation
-    level (0..255); ``midas``: a ``MiDaSInference`` with weights, for depth (see :func:`load_midas`).
+    level (0..255); ``midas``: a ``MiDaSInference`` with weights, for depth (see :func:`load_midas`);
+    ``resize_mode``: one of ``RESIZE_MODES``, how an image of another aspect ratio is fitted.
     A hint with nothing in it (one colour everywhere) is a UserError.
     """
     if name not in PREPROCESSORS:
         raise UserError(f"unknown preprocessor '{name}'; use one of {', '.join(PREPROCESSORS)}")
+    if resize_mode not in RESIZE_MODES:
+        raise UserError(f"unknown resize mode '{resize_mode}'; use one of {', '.join(RESIZE_MODES)}")
     size = tuple(size)
+    if resize_mode == "crop-and-resize":
+        image = centre_crop_to_aspect(image, size)
+    elif resize_mode == "resize-and-fill" and image.size != size:
+        inner = inner_size(image.size, size)
+        hint = preprocess(image, name, inner, low=low, high=high, threshold=threshold, midas=midas, what=what,
+                          resize_mode="just-resize")
+        return pad_centred(hint, size)
     if name == "depth":
         hint = depth_hint(image, size, midas, what)
     elif name == "none":

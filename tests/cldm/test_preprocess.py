@@ -111,3 +111,19 @@ def test_hint_tensor_channels_and_range():
     one_line_error(lambda: hint_tensor(torch.rand(2, 3, 8, 8), 3), r"\[C, H, W\] or \[1, C, H, W\]")
     one_line_error(lambda: hint_tensor(torch.rand(1, 8, 8), 3), "1 channels but this ControlNet reads 3")
     one_line_error(lambda: hint_tensor(square(), 4), "4-channel hints")
+
+
+def test_resize_modes_fit_an_image_of_another_shape_as_sd_webui_controlnet_does():
+    wide = np.zeros((64, 128, 3), dtype=np.uint8)
+    wide[24:40, 8:24] = 255      # a square near the left edge...
+    wide[24:40, 56:72] = 255     # ...and one in the middle
+    image = Image.fromarray(wide)
+    cropped = np.asarray(preprocess(image, "none", (64, 64)))[..., 0]    # crop-and-resize, the default
+    assert np.array_equal(cropped, wide[:, 32:96, 0])                    # the middle, at scale 1: left square cut off
+    filled = np.asarray(preprocess(image, "none", (64, 64), resize_mode="resize-and-fill"))[..., 0]
+    assert not filled[:16].any() and not filled[48:].any()              # black bands above and below
+    assert filled[29:35, 5:11].mean() > 200 and filled[29:35, 29:35].mean() > 200   # both squares, half size
+    stretched = np.asarray(preprocess(image, "none", (64, 64), resize_mode="just-resize"))[..., 0] > 127
+    rows, cols = np.nonzero(stretched[:, 24:40])
+    assert np.ptp(rows) + 1 == 16 and np.ptp(cols) + 1 <= 10                 # the middle square, squeezed to half its width
+    one_line_error(lambda: preprocess(image, "none", (64, 64), resize_mode="fit"), "unknown resize mode")

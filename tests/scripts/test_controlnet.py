@@ -64,7 +64,7 @@ def test_canny_hint_as_a_user_runs_it(scripts, files, tmp_path):
     assert params["prompt"] == "a square" and params["size"] == "16x16"
     assert params["controlnet"] == [(
         f"Module: canny, Model: control_v11p_sd15_canny [{legacy_model_hash(files['canny'])}], Weight: 1, "
-        "Resize Mode: Just Resize, Low Vram: False, Processor Res: 64, Threshold A: 100, Threshold B: 200, "
+        "Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 64, Threshold A: 100, Threshold B: 200, "
         "Guidance Start: 0, Guidance End: 1, Pixel Perfect: True, Control Mode: Balanced, Hr Option: Both, "
         "Save Detected Map: True")]
     with Image.open(out / "samples" / "00000.png") as image:
