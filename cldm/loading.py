@@ -54,6 +54,21 @@ def read_control_file(path):
     return control_part(read_state_dict(path), f"control file '{path}'")
 
 
+def fit_projection_shapes(control, own):
+    """``control`` with each transformer ``proj_in``/``proj_out`` weight reshaped to ``own``'s layout where
+    only the layout differs: a 1x1 conv [C, C, 1, 1] against a linear [C, C] (some third-party
+    extracts flatten the convs of SD 1.5 ControlNets, or keep SD 2.x's linear ones as 1x1 convs)."""
+    fitted = dict(control)
+    for key, value in control.items():
+        if not key.endswith(("proj_in.weight", "proj_out.weight")) or key not in own:
+            continue
+        wanted = tuple(own[key].shape)
+        if tuple(value.shape) != wanted and value.dim() in (2, 4) and len(wanted) in (2, 4) \
+                and tuple(value.shape[:2]) == wanted[:2] and value.numel() == own[key].numel():
+            fitted[key] = value.reshape(wanted)
+    return fitted
+
+
 def control_part(sd, source="this state dict"):
     """The ControlNet tensors of ``sd`` without the ``control_model.`` prefix; a UserError naming
     ``source`` when ``sd`` is no ControlNet."""
@@ -184,6 +199,7 @@ def load_controlnet_model(ckpt_path, control_path=None, config_path=None, device
     with trusting_configs(trust_config):
         model = instantiate_from_config(config.model)
     log.info("ControlNet: %d tensors from %s", len(control), control_path or ckpt_path)
+    control = fit_projection_shapes(control, model.control_model.state_dict())
     base.update({PREFIX + k: v for k, v in control.items()})
     # a base SD checkpoint has no logvar (only ControlNet's code saves it); it is a constant then
     keep_own = () if "logvar" in base else ("logvar",)
@@ -216,6 +232,7 @@ def load_control_net(control_path, model, config_path=None, *, trust_config=Fals
         with trusting_configs(trust_config):
             net = instantiate_from_config(params["control_stage_config"])
         pooling = bool(params.get("global_average_pooling", False))
+    control = fit_projection_shapes(control, net.state_dict())
     load_state_dict_into(net, control, strict=True, config_name=str(config_path or "the model's own ControlNet"))
     log.info("ControlNet: %d tensors from %s", len(control), control_path)
     reference = next(own.parameters())

@@ -216,3 +216,32 @@ def test_a_further_controlnet_of_another_generation_is_refused(files, tmp_path):
     message = one_line_error(lambda: load_control_net(tmp_path / "control_sd21.pth", model))
     assert "is for SD 2.x (1024-dim text context) but the model's own ControlNet is for a model with 32-dim" \
         in message
+
+
+def conv_projection_config():
+    """The tiny ControlLDM with SD 1.5's 1x1-conv proj_in/proj_out instead of SD 2.x's linear ones."""
+    config = controlnet_config()
+    for part in ("unet_config", "control_stage_config"):
+        config["model"]["params"][part]["params"]["use_linear_in_transformer"] = False
+    return config
+
+
+@pytest.mark.parametrize("own_conv", [False, True])
+def test_projections_stored_in_the_other_layout_are_reshaped(files, tmp_path, own_conv):
+    """Third-party extracts store proj_in/proj_out as [C, C] where the config has 1x1 convs [C, C, 1, 1],
+    or the other way round: the same numbers, loaded into the layout of the config."""
+    config = conv_projection_config() if own_conv else controlnet_config()
+    source = build_tiny_model(config, seed=6)
+    own = control_only(source)
+    stored = {}
+    for key, value in own.items():
+        if key.endswith(("proj_in.weight", "proj_out.weight")):
+            value = value.flatten(1) if own_conv else value[..., None, None]
+        stored[key] = value
+    assert any(stored[k].shape != own[k].shape for k in own)
+    path = tmp_path / "control_v11p_sd15_canny_fp16.safetensors"
+    save_file(stored, path)
+    config_path = write_config(config, tmp_path / "cldm.yaml")
+    torch.save({"state_dict": base_only(source)}, tmp_path / "base.ckpt")
+    model = load_controlnet_model(tmp_path / "base.ckpt", path, config_path=config_path, device="cpu")
+    assert_same_weights(model, {PREFIX + k: v for k, v in own.items()})
