@@ -116,6 +116,9 @@ def parse_args(argv):
                         "pass the checkpoint as model.params.ckpt_path=... with -n")
     if not opt.base and not opt.resume:
         raise UserError("no config: pass --base CONFIG.yaml (or --resume a run folder)")
+    if opt.resume and not opt.train:
+        # the official behaviour (load, and test where the config has a test split), but an easy slip
+        logger.warning("--resume without -t trains nothing; add -t to continue the training")
     return opt, unknown
 
 

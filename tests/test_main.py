@@ -1,4 +1,5 @@
 """main.py end to end on a tiny text-to-image model and the shapes dataset (16x16 images)."""
+import logging
 import os
 import signal
 import subprocess
@@ -306,3 +307,13 @@ def test_ddp_on_two_cpu_processes(tiny, tmp_path):
     assert ckpt["global_step"] == 2
     # the learning rate scales with the number of processes
     assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(2 * BATCH_SIZE * BASE_LR)
+
+
+def test_resume_without_train_warns_that_nothing_is_trained(caplog):
+    with caplog.at_level(logging.WARNING, logger="main"):
+        train_main.parse_args(["--resume", "logs/some-run"])
+    assert "--resume without -t trains nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="main"):
+        train_main.parse_args(["--resume", "logs/some-run", "-t"])
+    assert "trains nothing" not in caplog.text
