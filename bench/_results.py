@@ -48,6 +48,16 @@ def results_path(out, force, name):
     return Path(out)
 
 
+def checked_results_path(out, force, name):
+    """:func:`results_path`, with an existing ``out`` (and no ``force``) refused as a one-line UserError, so
+    that a benchmark stops before any work."""
+    from ldm.errors import UserError
+    try:
+        return results_path(out, force, name)
+    except FileExistsError as err:
+        raise UserError(str(err)) from None
+
+
 def write_results(path, report):
     """Write ``report`` as indented JSON to ``path`` and say so."""
     path = Path(path)

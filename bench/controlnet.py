@@ -27,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, shown_path, write_results
+from _results import add_out_arguments, checked_results_path, shown_path, write_results
+from shapes_fidelity import accuracy_table
 
 from ldm.cli import ArgumentParser, run
 from ldm.data.shapes import (
@@ -112,12 +113,7 @@ def read(image, box, position, colour, shape):
 
 
 def rates(records, held_out=None):
-    chosen = [r for r in records if held_out is None or r["held_out"] == held_out]
-    table = {}
-    for name in SCORES:
-        hits = [r["correct"][name] for r in chosen if name in r["correct"]]
-        table[name] = {"accuracy": sum(hits) / len(hits) if hits else None, "n": len(hits)}
-    return table
+    return accuracy_table([r for r in records if held_out is None or r["held_out"] == held_out], SCORES)
 
 
 def measure(controlled, base, hints, settings, seed):
@@ -174,10 +170,7 @@ def print_table(result):
 def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        out = results_path(args.out, args.force, "controlnet")
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
+    out = checked_results_path(args.out, args.force, "controlnet")
     if args.threads:
         torch.set_num_threads(args.threads)
     from cldm.loading import DEFAULT_CONTROL, load_controlnet_model
@@ -188,8 +181,7 @@ def _main(argv):
         load_model,
         resolve_paths,
     )
-    from ldm.cli import SHIPPED_DEFAULTS
-    from ldm.models.diffusion.samplers import resolve_sampler
+    from ldm.cli import shipped_sampling
 
     control = Path(args.control or REPO_ROOT / DEFAULT_CONTROL)
     if not control.is_file():
@@ -198,10 +190,7 @@ def _main(argv):
     controlled = load_controlnet_model(REPO_ROOT / DEFAULT_CKPT, control, args.config, device="cpu")
     base_config, base_ckpt = resolve_paths(None, None)
     base = load_model(base_config, base_ckpt, device="cpu")
-    sampler, schedule = resolve_sampler(SHIPPED_DEFAULTS["sampler"])
-    settings = {"sampler": sampler, "steps": SHIPPED_DEFAULTS["steps"], "scale": SHIPPED_DEFAULTS["scale"]}
-    if schedule != "automatic":
-        settings["schedule"] = schedule
+    settings = shipped_sampling()
 
     rng = np.random.default_rng(args.seed)
     named = named_hints(args.jitters, rng)

@@ -20,9 +20,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, write_results  # noqa: E402
 
-from ldm.cli import SHIPPED_DEFAULTS, ArgumentParser, run  # noqa: E402
+from ldm.cli import ArgumentParser, run, shipped_sampling  # noqa: E402
 from ldm.data.shapes import COLOURS, prompt_set  # noqa: E402
 from ldm.data.shapes_concepts import concept_colour  # noqa: E402
 from ldm.errors import UserError  # noqa: E402
@@ -58,20 +58,15 @@ def candidate_vectors(encoder):
 def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        out = results_path(args.out, args.force, "embedding_reach")
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
+    out = checked_results_path(args.out, args.force, "embedding_reach")
     if args.threads:
         torch.set_num_threads(args.threads)
     from safetensors.torch import save_file
 
     from ldm.checkpoint import load_model
     from ldm.generate import txt2img
-    from ldm.models.diffusion.samplers import resolve_sampler
     from ldm.modules.encoders.embeddings import use_embeddings
     model = load_model()
-    sampler, _ = resolve_sampler(SHIPPED_DEFAULTS["sampler"])
     prompts = [" ".join(WORD if w in COLOURS else w for w in p.split()) for p in prompt_set(args.prompts, seed=0)]
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -79,8 +74,8 @@ def _main(argv):
             save_file({"emb_params": vector[None].contiguous()}, str(Path(folder) / f"{WORD}.safetensors"))
             use_embeddings(model, folder)
             try:
-                images = txt2img(model, prompts, seed=args.seed, n_samples=len(prompts), sampler=sampler,
-                                 steps=SHIPPED_DEFAULTS["steps"], scale=SHIPPED_DEFAULTS["scale"], progress=False)
+                images = txt2img(model, prompts, seed=args.seed, n_samples=len(prompts), progress=False,
+                                 **shipped_sampling())
             finally:
                 use_embeddings(model, None)
             drawn = collections.Counter(str(concept_colour(image)) for image in images)

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, write_results
+from _results import add_out_arguments, checked_results_path, write_results
 from shapes_fidelity import model_record, read_single, score
 
 from ldm.cli import ArgumentParser, run
@@ -255,10 +255,7 @@ def print_table(report):
 def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        out = results_path(args.out, args.force, "personalise")
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
+    out = checked_results_path(args.out, args.force, "personalise")
     if args.threads:
         torch.set_num_threads(args.threads)
     from ldm.checkpoint import load_model, resolve_paths

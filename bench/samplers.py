@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, shown_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, shown_path, write_results  # noqa: E402
 from ldm.cli import OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, ArgumentParser, run  # noqa: E402
 from ldm.errors import UserError  # noqa: E402
 from ldm.models.diffusion.k_sampling import STOCHASTIC_SAMPLERS  # noqa: E402
@@ -437,10 +437,7 @@ def _main(argv):
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read {args.table_from}: {err}") from None
         return 0
-    try:
-        out = results_path(args.out, args.force, "samplers")   # refused before minutes of work
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
+    out = checked_results_path(args.out, args.force, "samplers")   # refused before minutes of work
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import add_out_arguments, results_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, write_results  # noqa: E402
 from shapes_fidelity import measure, model_record, sampling_settings  # noqa: E402
 from ldm.cli import ArgumentParser, run  # noqa: E402
 from ldm.data.shapes import ALL_PAIRS, pair_prompt_set, prompt_set  # noqa: E402
@@ -74,10 +74,7 @@ def pick(rows, tolerance):
 def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        out = results_path(args.out, args.force, "shapes_defaults")
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
+    out = checked_results_path(args.out, args.force, "shapes_defaults")
     if args.threads:
         torch.set_num_threads(args.threads)
     from ldm.checkpoint import load_model, resolve_paths

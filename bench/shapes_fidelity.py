@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, results_path, shown_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, shown_path, write_results  # noqa: E402
 from ldm.cli import ArgumentParser, run  # noqa: E402
 from ldm.data.shapes import (ALL_PAIRS, ATTRIBUTES, HELD_OUT_PAIRS, describe, describe_pair,  # noqa: E402
                              pair_prompt_set, parse_pair_prompt, parse_prompt, prompt_set)
@@ -53,13 +53,19 @@ def parse_args(argv):
     return args
 
 
+def accuracy_table(records, names):
+    """{name: {"accuracy", "n"}}: the share of ``records`` right on each of ``names``, over the records
+    that score it (``record["correct"]`` has the name); accuracy None when none does."""
+    table = {}
+    for name in names:
+        hits = [r["correct"][name] for r in records if name in r["correct"]]
+        table[name] = {"accuracy": sum(hits) / len(hits) if hits else None, "n": len(hits)}
+    return table
+
+
 def score(records):
     """Accuracy per attribute (over the images whose prompt names it) and the pair accuracy."""
-    table = {}
-    for attr in (*ATTRIBUTES, "colour+shape"):
-        hits = [r["correct"][attr] for r in records if attr in r["correct"]]
-        table[attr] = {"accuracy": sum(hits) / len(hits) if hits else None, "n": len(hits)}
-    return table
+    return accuracy_table(records, (*ATTRIBUTES, "colour+shape"))
 
 
 SCENE_SCORES = ("both shapes", "left shape", "right shape", "background")
@@ -67,11 +73,7 @@ SCENE_SCORES = ("both shapes", "left shape", "right shape", "background")
 
 def score_scenes(records):
     """Two-shape accuracy: both shapes right, each side alone, and the background where named."""
-    table = {}
-    for name in SCENE_SCORES:
-        hits = [r["correct"][name] for r in records if name in r["correct"]]
-        table[name] = {"accuracy": sum(hits) / len(hits) if hits else None, "n": len(hits)}
-    return table
+    return accuracy_table(records, SCENE_SCORES)
 
 
 def model_record(config, ckpt):
@@ -176,10 +178,7 @@ def measure(model, settings, singles, scenes, seeds, batch):
 def _main(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        out = results_path(args.out, args.force, "shapes_fidelity")   # refused before minutes of work
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
+    out = checked_results_path(args.out, args.force, "shapes_fidelity")   # refused before minutes of work
     if args.threads:
         torch.set_num_threads(args.threads)
     from ldm.checkpoint import load_model, resolve_paths

@@ -15,12 +15,11 @@ import logging
 
 import torch
 
+from cldm.loading import PREFIX as CONTROL_PREFIX
+from cldm.loading import UNET_PREFIX
 from ldm.models.diffusion.ddpm_base import DDPM
 
 log = logging.getLogger(__name__)
-
-CONTROL_PREFIX = "control_model."
-UNET_PREFIX = "model.diffusion_model."
 
 
 def control_init_state_dict(base, own):

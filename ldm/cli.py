@@ -199,6 +199,14 @@ def check_common_args(args):
     return args
 
 
+def shipped_sampling():
+    """The scripts' sampling defaults for the shipped model as library keyword arguments: the sampler's id
+    (from its web-UI name), the schedule that name implies (None: the sampler's own), steps and scale."""
+    sampler, schedule = resolve_sampler(SHIPPED_DEFAULTS["sampler"])
+    return {"sampler": sampler, "schedule": None if schedule == AUTOMATIC else schedule,
+            "steps": SHIPPED_DEFAULTS["steps"], "scale": SHIPPED_DEFAULTS["scale"]}
+
+
 def model_defaults(args):
     """The defaults of the model the flags name: the shipped model's, or the official scripts'."""
     return SHIPPED_DEFAULTS if uses_shipped_model(args.ckpt, args.config) else OFFICIAL_DEFAULTS

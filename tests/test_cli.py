@@ -1,7 +1,8 @@
 """Model-aware defaults and the attention options the scripts derive from flags and environment."""
 from types import SimpleNamespace
 
-from ldm.cli import OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, attention_options, fill_model_defaults
+from ldm.cli import (OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, attention_options, fill_model_defaults,
+                     resolve_sampler_flags, shipped_sampling)
 
 
 def test_shipped_model_defaults_apply_only_without_ckpt():
@@ -11,6 +12,16 @@ def test_shipped_model_defaults_apply_only_without_ckpt():
     args = SimpleNamespace(ckpt="sd.ckpt", config="v1.yaml", prompt=None, steps=7, scale=None, from_file="p.txt")
     fill_model_defaults(args)
     assert args.steps == 7 and args.scale == OFFICIAL_DEFAULTS["scale"] and args.prompt is None
+
+
+def test_shipped_sampling_is_what_the_scripts_use_without_flags():
+    """The library-side defaults (benches, tests) are the scripts' own for the shipped model."""
+    args = SimpleNamespace(ckpt=None, config=None, prompt=None, steps=None, scale=None, from_file=None, sampler=None,
+                           schedule=None, sigmas=None, spacing=None)
+    fill_model_defaults(args)
+    resolve_sampler_flags(args)
+    assert shipped_sampling() == {"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps,
+                                  "scale": args.scale}
 
 
 def test_attention_precision_follows_attn_precision():

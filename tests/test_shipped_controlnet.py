@@ -7,7 +7,7 @@ import torch
 
 from cldm.loading import DEFAULT_CONTROL, load_controlnet_model, read_control_file
 from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, load_model
-from ldm.cli import SHIPPED_DEFAULTS
+from ldm.cli import shipped_sampling
 from ldm.data.shapes import describe
 from ldm.data.shapes_control import region_box, region_hint, region_mask
 from ldm.data.shapes_describe import drawn_pixels
@@ -20,11 +20,8 @@ def controlled():
 
 def sample(model, prompt, hint, weight=1.0, seed=1, n=2):
     from cldm.generate import ControlUnit, controlnet_txt2img
-    from ldm.models.diffusion.samplers import resolve_sampler
-    sampler, _ = resolve_sampler(SHIPPED_DEFAULTS["sampler"])
-    return controlnet_txt2img(model, prompt, [ControlUnit(hint, weight=weight)], steps=SHIPPED_DEFAULTS["steps"],
-                              scale=SHIPPED_DEFAULTS["scale"], sampler=sampler, seed=seed, n_samples=n,
-                              progress=False)
+    return controlnet_txt2img(model, prompt, [ControlUnit(hint, weight=weight)], seed=seed, n_samples=n,
+                              progress=False, **shipped_sampling())
 
 
 def box_hint(box):
@@ -55,12 +52,9 @@ def test_the_shape_lands_in_the_hinted_region(controlled, prompt, box, position)
 
 def test_strength_zero_is_the_shipped_model_exactly(controlled):
     from ldm.generate import txt2img
-    from ldm.models.diffusion.samplers import resolve_sampler
     prompt = "a green triangle on a gray background"
     off = sample(controlled, prompt, box_hint(region_box("triangle", 0.7, 0.5, 0.4)), weight=0.0, n=1)
-    sampler, _ = resolve_sampler(SHIPPED_DEFAULTS["sampler"])
-    plain = txt2img(load_model(), prompt, steps=SHIPPED_DEFAULTS["steps"], scale=SHIPPED_DEFAULTS["scale"],
-                    sampler=sampler, seed=1, n_samples=1, progress=False)
+    plain = txt2img(load_model(), prompt, seed=1, n_samples=1, progress=False, **shipped_sampling())
     assert np.array_equal(np.asarray(off[0]), np.asarray(plain[0]))
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ldm.checkpoint import DEFAULT_CKPT, REPO_ROOT, load_model, read_state_dict
-from ldm.cli import SHIPPED_DEFAULTS
+from ldm.cli import SHIPPED_DEFAULTS, shipped_sampling
 from ldm.data.shapes import describe, describe_pair, parse_pair_prompt, parse_prompt
 
 
@@ -14,10 +14,7 @@ def shipped():
 
 def _sample(model, prompt, n=2, seed=1):
     from ldm.generate import txt2img
-    from ldm.models.diffusion.samplers import resolve_sampler
-    sampler, _ = resolve_sampler(SHIPPED_DEFAULTS["sampler"])  # the scripts' default, by its web-UI name
-    return txt2img(model, prompt, steps=SHIPPED_DEFAULTS["steps"], scale=SHIPPED_DEFAULTS["scale"],
-                   sampler=sampler, seed=seed, n_samples=n, progress=False)
+    return txt2img(model, prompt, seed=seed, n_samples=n, progress=False, **shipped_sampling())
 
 
 def test_checkpoint_is_small_and_complete(shipped):
