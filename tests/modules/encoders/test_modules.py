@@ -209,6 +209,18 @@ def test_trainable_encoder_causal_prefix_ignores_later_tokens():
     assert not torch.allclose(z[0, 5], z[1, 5])
 
 
+def test_trainable_encoder_token_local_outputs_ignore_neighbours():
+    torch.manual_seed(0)
+    encoder = CLIPTokenTransformerEmbedder(n_embed=32, n_layer=2, n_head=4, token_local=True)
+    z = encoder(["a red circle", "a blue circle", "a red square"])
+    assert torch.allclose(z[0, 3], z[1, 3], atol=1e-6)  # "circle" after a different colour
+    assert torch.allclose(z[0, 2], z[2, 2], atol=1e-6)  # "red" before a different shape
+    assert not torch.allclose(z[0, 2], z[1, 2])
+    assert not torch.allclose(z[0, 3], z[2, 3])
+    with pytest.raises(UserError, match="causal and token_local"):
+        CLIPTokenTransformerEmbedder(n_embed=32, n_layer=1, n_head=4, causal=True, token_local=True)
+
+
 def test_class_embedder_dropout_and_unconditional():
     torch.manual_seed(0)
     embedder = ClassEmbedder(embed_dim=8, n_classes=11, ucg_rate=1.0)
