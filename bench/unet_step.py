@@ -19,7 +19,12 @@ weights plus the largest activations so far.
 
 When `diffusers` is importable, its UNet2DConditionModel with the equivalent configuration runs
 in the same way as a peer (see bench/README.md for installing it without touching the project's
-environment).
+environment), with the same weights: the parent process seeds our U-Net once (the zero-initialised
+output layers get random values too, or every output would be 0), writes it to a safetensors file in
+a temporary folder, and every worker loads it (diffusers' after diffusers' own key conversion).
+
+`--levers` adds fp32 rows of our U-Net with one speed lever each (`ldm.fast_inference`). Every row
+reports `rel err`: max |out - ref| / max |ref| against our eager fp32 output for the same input.
 """
 import argparse
 import importlib.util
@@ -30,6 +35,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 MODES = {"fp32": ["fp32"], "bf16": ["bf16-autocast", "bf16-weights"]}
 BATCH, CONTEXT_LEN, TIMESTEP = 2, 77, 999
+WEIGHTS_FILE = "unet.safetensors"
+# levers that only act under bfloat16 autocast: their rows run bf16-autocast instead of fp32
+BF16_LEVERS = ("attention-no-upcast",)
+# levers that are a memory allocator preloaded into the worker (Debian: libjemalloc2, libtcmalloc-minimal4)
+ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+              "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 
 
 def unet_params(config_path, smoke):
@@ -57,6 +69,34 @@ def build_ours(params):
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     return UNetModel(**params)
+
+
+def write_seeded_weights(params, path):
+    """Our U-Net with seeded random weights, zero-initialised layers included, saved to ``path``."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = build_ours(params)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                torch.nn.init.normal_(param, std=0.02)
+    save_file(model.state_dict(), str(path))
+
+
+def load_weights(impl, params, path):
+    """The model of ``impl`` built without initialisation and given the weights in ``path``."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    with torch.device("meta"):
+        model = (build_diffusers if impl == "diffusers" else build_ours)(params)
+    if impl == "diffusers":
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+        sd = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in sd.items()},
+                                         dict(model.config))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
 
 
 def diffusers_kwargs(params):
@@ -111,13 +151,15 @@ def precision_path(mode, force_bf16):
     return chosen, bf16 and mode == "bf16-autocast", bf16 and mode == "bf16-weights"
 
 
-def make_step(model, impl, size, weights_bf16, context_dim):
+def make_step(model, impl, size, weights_bf16, context_dim, channels_last=False):
     gen = torch.Generator().manual_seed(size)
     x = torch.randn(BATCH, 4, size, size, generator=gen)
     t = torch.full((BATCH,), TIMESTEP, dtype=torch.long)
     context = torch.randn(BATCH, CONTEXT_LEN, context_dim, generator=gen)
     if weights_bf16:
         x, context = x.bfloat16(), context.bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if impl == "diffusers":
         return lambda: model(x, t, encoder_hidden_states=context).sample
     return lambda: model(x, t, context=context)
@@ -145,29 +187,43 @@ def run_worker(args):
     from ldm.precision import host_cpu
 
     params = unet_params(args.config, args.smoke)
-    chosen, autocast_bf16, weights_bf16 = precision_path(args.mode, args.force_bf16)
-    torch.manual_seed(0)
+    mode, _, lever = args.mode.partition("+")
+    chosen, autocast_bf16, weights_bf16 = precision_path(mode, args.force_bf16)
     t0 = time.perf_counter()
-    model = (build_diffusers if args.impl == "diffusers" else build_ours)(params).eval()
+    model = load_weights(args.impl, params, Path(args.workdir) / WEIGHTS_FILE)
     if weights_bf16:
         model = model.to(torch.bfloat16)
+    if lever and lever not in ALLOCATORS:
+        from ldm.fast_inference import apply_lever
+        apply_lever(model, lever)
     build_s = time.perf_counter() - t0
     info = {"impl": args.impl, "mode": args.mode, "path": chosen.path,
             "cpu_capability": host_cpu().capability, "build_s": build_s,
             "params": sum(p.numel() for p in model.parameters()),
             "model_rss_gb": current_rss_gb(), "threads": torch.get_num_threads(), "rows": []}
     for size in sorted(args.sizes):
-        step = make_step(model, args.impl, size, weights_bf16, params["context_dim"])
+        step = make_step(model, args.impl, size, weights_bf16, params["context_dim"],
+                         channels_last=lever == "channels_last")
         flops = count_flops(step, autocast_bf16) if args.count_flops else None
         with torch.inference_mode(), precision_context(autocast_bf16):
+            t0 = time.perf_counter()
             for _ in range(args.warmup):
                 out = step()
+            warmup_s = time.perf_counter() - t0
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 out = step()
                 times.append(time.perf_counter() - t0)
-        info["rows"].append({"size": size, "flops": flops, "times_s": times,
+        reference = Path(args.workdir) / f"reference-{size}.pt"
+        if args.impl == "ours" and args.mode == "fp32":
+            torch.save(out.float(), reference)
+        rel_err = None
+        if reference.exists():
+            ref = torch.load(reference, weights_only=True)
+            rel_err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        info["rows"].append({"size": size, "flops": flops, "times_s": times, "warmup_s": warmup_s,
+                             "rel_err": rel_err,
                              "median_s": statistics.median(times), "min_s": min(times),
                              "out_dtype": str(out.dtype).replace("torch.", ""),
                              "out_finite": bool(torch.isfinite(out).all()),
@@ -177,14 +233,19 @@ def run_worker(args):
 
 def spawn_worker(args, impl, mode, count):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl,
-           "--mode", mode, "--config", str(args.config), "--repeats", str(args.repeats),
+           "--mode", mode, "--config", str(args.config), "--workdir", str(args.workdir),
+           "--repeats", str(args.repeats),
            "--warmup", str(args.warmup), "--sizes", *map(str, args.sizes)]
     cmd += ["--count-flops"] if count else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--force-bf16"] if args.force_bf16 else []
+    env = dict(os.environ)
+    lever = mode.partition("+")[2]
+    if lever in ALLOCATORS:
+        env["LD_PRELOAD"] = ALLOCATORS[lever]
     print(f"... {impl} {mode}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return {"impl": impl, "mode": mode, "error": reason, "rows": []}
@@ -212,19 +273,20 @@ def print_table(results, machine):
     native = ", ".join(machine["native_half"]) or "none"
     print(f"CPU: {machine['cpu']}; PyTorch CPU kernels: {machine['cpu_capability']}; "
           f"native half types: {native} (from {machine['native_half_from']})")
-    head = (f"{'impl':<10} {'precision':<14} {'path':<22} {'latent':>7} {'s/step':>8} {'min s':>8} "
-            f"{'GFLOP':>8} {'TFLOP/s':>8} {'peak RSS GB':>12}")
+    head = (f"{'impl':<10} {'precision':<22} {'path':<22} {'latent':>7} {'s/step':>8} {'min s':>8} "
+            f"{'GFLOP':>8} {'TFLOP/s':>8} {'rel err':>9} {'peak RSS GB':>12}")
     print(head)
     print("-" * len(head))
     for res in results:
         path = res.get("path", "-")
         if res.get("error"):
-            print(f"{res['impl']:<10} {res['mode']:<14} {path:<22} failed: {res['error']}")
+            print(f"{res['impl']:<10} {res['mode']:<22} {path:<22} failed: {res['error']}")
         for row in res["rows"]:
             gflop = f"{row['flops'] / 1e9:.0f}" if row.get("flops") else "-"
             tflops = f"{row['tflops']:.3f}" if row.get("tflops") else "-"
-            print(f"{res['impl']:<10} {res['mode']:<14} {path:<22} {row['size']:>4}^2 "
-                  f"{row['median_s']:>8.2f} {row['min_s']:>8.2f} {gflop:>8} {tflops:>8} "
+            rel_err = f"{row['rel_err']:.1e}" if row.get("rel_err") is not None else "-"
+            print(f"{res['impl']:<10} {res['mode']:<22} {path:<22} {row['size']:>4}^2 "
+                  f"{row['median_s']:>8.2f} {row['min_s']:>8.2f} {gflop:>8} {tflops:>8} {rel_err:>9} "
                   f"{row['peak_rss_gb']:>12.2f}")
 
 
@@ -236,15 +298,38 @@ def run_all(args):
         notes.append("diffusers is not importable: peer skipped")
     modes = [mode for dtype in args.dtypes for mode in MODES[dtype]]
     results = []
-    for impl in impls:
-        flops = {}
-        for i, mode in enumerate(modes):
-            res = spawn_worker(args, impl, mode, count=(i == 0))
-            for row in res["rows"]:
-                flops.setdefault(row["size"], row["flops"])
-                row["flops"] = flops.get(row["size"])
-                row["tflops"] = row["flops"] / row["median_s"] / 1e12 if row["flops"] else None
-            results.append(res)
+    with tempfile.TemporaryDirectory(prefix="unet_step-") as workdir:
+        args.workdir = workdir
+        print("... writing the seeded weights", file=sys.stderr, flush=True)
+        write_seeded_weights(unet_params(args.config, args.smoke), Path(workdir) / WEIGHTS_FILE)
+        # our eager fp32 runs first: it writes the reference outputs every other row is compared with
+        runs = [("ours", mode) for mode in ["fp32"] + [m for m in modes if m != "fp32"]
+                + [f"{'bf16-autocast' if lever in BF16_LEVERS else 'fp32'}+{lever}" for lever in args.levers]
+                if "ours" in impls]
+        runs += [(impl, mode) for impl in impls if impl != "ours" for mode in modes]
+        missing = [lever for lever in args.levers if lever in ALLOCATORS and not Path(ALLOCATORS[lever]).exists()]
+        if missing:
+            notes.append(f"not installed, skipped: {', '.join(missing)}")
+            runs = [(impl, mode) for impl, mode in runs if mode.partition("+")[2] not in missing]
+        results = run_workers(args, runs)
+    return report_all(args, results, notes)
+
+
+def run_workers(args, runs):
+    """One worker process per (implementation, mode); FLOPs are counted in each implementation's first."""
+    results, flops, counted = [], {}, set()
+    for impl, mode in runs:
+        res = spawn_worker(args, impl, mode, count=impl not in counted)
+        counted.add(impl)
+        for row in res["rows"]:
+            flops.setdefault(row["size"], row["flops"])
+            row["flops"] = flops.get(row["size"])
+            row["tflops"] = row["flops"] / row["median_s"] / 1e12 if row["flops"] else None
+        results.append(res)
+    return results
+
+
+def report_all(args, results, notes):
     machine = machine_info()
     if any(res.get("path") == "fp32 fallback" for res in results):
         notes.append("no native bf16 on this CPU: the bf16 rows ran float32, as --bf16 would; "
@@ -252,7 +337,8 @@ def run_all(args):
     print_table(results, machine)
     for note in notes:
         print(f"note: {note}")
-    report = {"what": "one U-Net forward, CFG batch 2, context [2, 77, D], median of repeats "
+    report = {"command": " ".join(["python", "bench/unet_step.py", *sys.argv[1:]]),
+              "what": "one U-Net forward, CFG batch 2, context [2, 77, D], median of repeats "
                       "after warm-up; FLOPs from FlopCounterMode",
               "config": str(Path(args.config).resolve().relative_to(REPO))
               if Path(args.config).resolve().is_relative_to(REPO) else str(args.config),
@@ -269,6 +355,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="latent side lengths")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(MODES))
     p.add_argument("--impls", nargs="+", default=["ours", "diffusers"], choices=["ours", "diffusers"])
+    p.add_argument("--levers", nargs="*", default=[], metavar="LEVER",
+                   help="also time our fp32 U-Net with each of these speed levers alone (ldm.fast_inference)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per shape (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -283,6 +371,7 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or min(args.sizes) < 8 or any(s % 8 for s in args.sizes):
         p.error("--repeats must be >= 1, --warmup >= 0, and every size a multiple of 8")

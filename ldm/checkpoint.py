@@ -17,6 +17,7 @@ import torch
 from ldm.config_safety import check_config_targets, trusting_configs
 from ldm.errors import UserError
 from ldm.model_markers import MARKER_KEYS, apply_markers, derived_schedule_keys, sibling_config
+from ldm.skip_init import skipped_weight_init
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,21 @@ class _Inert:
 
 def read_state_dict(path):
     """Read a flat ``{key: tensor}`` dict from a .ckpt/.pt/.pth (Lightning-wrapped or not) or
-    .safetensors file, on the CPU, without running code from the file."""
+    .safetensors file, on the CPU, without running code from the file.
+
+    The tensors are mapped from the file, not read: a page is read when a tensor is first used,
+    and the file is held in RAM once however many of these dicts and models share it. The mapping
+    is private (copy-on-write): writing to a tensor is allowed and never reaches the file. Legacy
+    (pre-zip) torch files cannot be mapped and are read whole. While the tensors are alive, renaming
+    a new file over this one is safe (safetensors' ``save_file`` does that); rewriting it in place
+    (``torch.save``, ``cp``) is not: the tensors see the new bytes, or, where the file got shorter,
+    reading them kills the process (SIGBUS).
+    """
     path = _readable_file(path, "checkpoint", "a .ckpt or .safetensors file")
     if path.suffix == ".safetensors":
         sd = read_safetensors_file(path)
     else:
-        sd = _read_torch(path, "checkpoint")
+        sd = _read_torch(path, "checkpoint", mmap=True)
     return _only_tensors(sd, path)
 
 
@@ -100,8 +110,8 @@ def read_safetensors_file(path, what="checkpoint", torch_suffix=".ckpt"):
 
 
 def _pytorch_format(path):
-    """'zip' or 'pickle' when the file starts as torch.save writes, else None (only looked at
-    after safetensors refused the file; a safetensors header is 8 length bytes then '{')."""
+    """'zip' or 'pickle' when the file starts as torch.save writes, else None (a safetensors
+    header is 8 length bytes then '{')."""
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
@@ -116,9 +126,9 @@ def _pytorch_format(path):
 UNREADABLE = Exception
 
 
-def _read_torch(path, what):
+def _read_torch(path, what, mmap=False):
     try:
-        return _torch_load(path)
+        return _torch_load(path, mmap)
     except pickle.UnpicklingError as err:
         failure = err
         unsafe = _unsafe_globals(path)
@@ -127,7 +137,7 @@ def _read_torch(path, what):
                      what, path, ", ".join(sorted(unsafe)))
             with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
                 try:
-                    return _torch_load(path)
+                    return _torch_load(path, mmap)
                 except UNREADABLE as retry_err:
                     # the bookkeeping was allowed, so this failure has a cause of its own
                     failure, unsafe = retry_err, set()
@@ -179,8 +189,11 @@ def _first_line(err):
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _torch_load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _torch_load(path, mmap=False):
+    """``torch.load`` weights-only; ``mmap`` maps the tensors from a zip-format file instead of
+    reading them (legacy pickles cannot be mapped and are read)."""
+    mmap = mmap and _pytorch_format(path) == "zip"
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _unsafe_globals(path):
@@ -308,7 +321,8 @@ def _ignorable(key, model_keys, has_ema, ignore_keys=()):
     return key == POSITION_IDS_KEY
 
 
-def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_keys=(), only_model=False):
+def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_keys=(), only_model=False,
+                         assign=False):
     """Load ``sd`` into ``model`` checking every key and shape; returns a :class:`LoadReport`.
 
     Tensors are cast to the dtype of the model's own parameters, so half-precision checkpoints
@@ -321,6 +335,11 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_key
     prefixes are not loaded, and the model keeps its own values for them. ``only_model`` (the
     official ``load_only_unet``) loads into the denoiser ``model.model`` alone: see
     :func:`_denoiser_part`.
+
+    ``assign`` makes the tensors of ``sd`` the model's parameters and buffers instead of copying
+    them in (one copy of the weights in RAM, not two): only for a ``sd`` that nothing else uses,
+    as one fresh from :func:`read_state_dict`. A tensor is copied still where it must be: cast
+    to the model's dtype, made contiguous, or sharing memory with another one of ``sd``.
     """
     report = LoadReport()
     if only_model:
@@ -346,7 +365,10 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_key
 
     if strict and not report.ok:
         raise UserError(_mismatch_message(report, sd, own, config_name))
-    model.load_state_dict(usable, strict=False)
+    if assign:
+        model.load_state_dict(_assignable(usable, own), strict=False, assign=True)
+    else:
+        model.load_state_dict(usable, strict=False)
 
     if report.ignored:
         groups = sorted({k if k == POSITION_IDS_KEY else k.split(".", 1)[0] + ".*" for k in report.ignored})
@@ -357,6 +379,25 @@ def load_state_dict_into(model, sd, strict=True, *, config_name=None, ignore_key
             log.warning("%d %s keys (not strict), e.g. %s", len(keys), name, ", ".join(keys[:3]))
     log.info("loaded %d of %d model tensors", report.loaded, len(own))
     return report
+
+
+def _assignable(usable, own):
+    """``usable`` as the model's own tensors: in the dtype of the model's, contiguous, aligned, and
+    each in memory of its own, so that changing one weight in place (a LoRA merge) changes no other."""
+    tensors = {key: _aligned(value.to(own[key].dtype).contiguous()) for key, value in usable.items()}
+    # a file may hold one tensor under two keys (tied weights) or views that overlap
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, key) for key, t in tensors.items() if t.nbytes)
+    reach = 0
+    for start, end, key in spans:
+        if start < reach:
+            tensors[key] = tensors[key].clone()
+        reach = max(reach, end)
+    return tensors
+
+
+def _aligned(tensor):
+    # safetensors maps a tensor at whatever offset the file gives it; kernels may expect alignment
+    return tensor.clone() if tensor.data_ptr() % tensor.element_size() else tensor
 
 
 def _denoiser_part(sd, report):
@@ -524,9 +565,10 @@ def load_model(config_path=None, ckpt_path=None, device=None, dtype=None, *, for
     sd = read_state_dict(ckpt_path)
     apply_markers(config, sd, config_path)
     log.info("building %s from %s", config.model.get("target", "?"), config_path)
-    with trusting_configs(trust_config):
+    # every parameter is loaded (strictly) right after, so random initialisation would be wasted
+    with trusting_configs(trust_config), skipped_weight_init():
         model = instantiate_from_config(config.model)
-    load_state_dict_into(model, sd, strict=True, config_name=str(config_path))
+    load_state_dict_into(model, sd, strict=True, config_name=str(config_path), assign=True)
     del sd
     return place_model(model, config, device, dtype, force_dtype=force_dtype)
 

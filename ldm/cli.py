@@ -141,9 +141,13 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
         help="autocast: float16 on CUDA (bfloat16 with --bf16); full: float32")
     # --force-bf16 sets bf16="force", the library's value for "even where it is emulated"
     bf16 = parser.add_mutually_exclusive_group()
-    bf16.add_argument("--bf16", action="store_true",
+    bf16.add_argument("--bf16", action="store_const", const=True, default="auto",
                       help="compute in bfloat16 on CUDA, or on a CPU with native bfloat16 "
-                           "(AVX512-BF16/AMX); on other CPUs float32 runs instead, with a warning")
+                           "(AVX512-BF16/AMX); on other CPUs float32 runs instead, with a warning. "
+                           "Default: bfloat16 autocast for full-size models on a CPU with native "
+                           "bfloat16, float32 otherwise (--no-bf16, or --precision full, keeps float32)")
+    bf16.add_argument("--no-bf16", dest="bf16", action="store_const", const=False,
+                      help="float32 on the CPU even where bfloat16 is native")
     bf16.add_argument("--force-bf16", dest="bf16", action="store_const", const="force",
                       help="bfloat16 even on a CPU that emulates it (often 100x slower than "
                            "float32); also for configs with use_bf16")
@@ -158,12 +162,40 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     add("--attention", choices=["auto", "sdpa", "xformers", "math"], default="auto",
         help="attention kernel (auto: xformers when installed and on CUDA, else PyTorch SDPA); "
              "ATTN_PRECISION=fp16 turns off the float32 attention logits used under autocast")
+    add("--vae-tiling", choices=["auto", "on", "off"], default="auto",
+        help="decode (and encode) the image in overlapping 512px tiles, so large images need the "
+             "memory of a 512px one (auto: only images larger than 768x768)")
+    add_speedup_args(parser)
     if size:
         for flag, side in (("--H", "height"), ("--W", "width")):
             add(flag, type=int, default=None,
                 help=f"image {side} in pixels (a multiple of 8; default: the model's native size)")
     if fixed_code:
         add("--fixed_code", action="store_true", help="reuse one start noise for every round")
+
+
+def add_speedup_args(parser):
+    """The opt-in approximate speed-ups (``ldm.modules.speedups``), off by default."""
+    from ldm.modules.speedups import DEFAULT_DEPTH, MAX_RATIO
+    add = parser.add_argument
+    add("--deepcache", type=number_in("--deepcache", 0, kind=int), default=0, metavar="N",
+        help="approximate: run the full U-Net every N sampling steps and only its shallow blocks with the "
+             "deep features cached in between (DeepCache; 0 or 1 = off)")
+    add("--deepcache-depth", type=number_in("--deepcache-depth", 0, kind=int), default=None, metavar="D",
+        help=f"with --deepcache: input blocks 0..D (and their output-block partners) run every step "
+             f"(default {DEFAULT_DEPTH})")
+    add("--tome", type=number_in("--tome", 0.0, MAX_RATIO), default=0.0, metavar="RATIO",
+        help=f"approximate: merge this share of the tokens before each self-attention at the finest "
+             f"attention level (ToMe for SD; 0 = off, at most {MAX_RATIO})")
+    add("--int8", action="store_true",
+        help="approximate: int8 dynamic quantization of the U-Net's Linear layers (CPU only)")
+
+
+def check_speedup_args(args):
+    if args.deepcache_depth is not None and args.deepcache < 2:
+        raise UserError("--deepcache-depth sets the branch of --deepcache N; pass --deepcache 2 or more with it")
+    if args.int8 and args.device is not None and not args.device.startswith("cpu"):
+        raise UserError(f"--int8 runs on the CPU only; drop it or pass --device cpu (got --device {args.device})")
 
 
 def check_common_args(args):
@@ -196,6 +228,7 @@ def check_common_args(args):
         raise UserError(f"--embeddings '{args.embeddings}' is not a folder; pass the folder of embedding files")
     from ldm.cli_extra_networks import check_extra_network_flags
     check_extra_network_flags(args)
+    check_speedup_args(args)
     return args
 
 
@@ -308,12 +341,18 @@ def generation_kwargs(args):
                 sigmas=args.sigmas, steps=args.steps, scale=args.scale, eta=args.ddim_eta, seed=args.seed,
                 n_samples=args.n_samples, n_iter=args.n_iter, precision=args.precision, bf16=args.bf16,
                 emphasis=args.emphasis, truncate=args.truncate_prompts, clip_skip=args.clip_skip,
-                timestep_spacing=args.spacing, guidance_rescale=args.guidance_rescale)
+                timestep_spacing=args.spacing, guidance_rescale=args.guidance_rescale,
+                vae_tiling=args.vae_tiling, **speedup_kwargs(args))
+
+
+def speedup_kwargs(args):
+    return dict(deepcache=args.deepcache, deepcache_depth=args.deepcache_depth, tome=args.tome, int8=args.int8)
 
 
 def image_parameters(args, **extra):
     """What each PNG's ``parameters`` text records (prompt and size are added per image)."""
     from ldm.generate import Sampling, sampled_steps
+    from ldm.modules.speedups import recorded_settings
     sampler, schedule = sampler_label(args.sampler, args.schedule, args.sigmas)
     steps = sampled_steps(Sampling(steps=args.steps, sigmas=args.sigmas))
     return dict(negative_prompt=args.negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
@@ -322,7 +361,8 @@ def image_parameters(args, **extra):
                 spacing=args.spacing, guidance_rescale=args.guidance_rescale or None,
                 lora_hashes=getattr(args, "lora_hashes", None), hypernet=getattr(args, "hypernet", None),
                 hypernet_hash=getattr(args, "hypernet_hash", None),
-                hypernet_strength=getattr(args, "hypernet_strength", None), **extra)
+                hypernet_strength=getattr(args, "hypernet_strength", None), vae_tiling=args.vae_tiling,
+                **recorded_settings(**speedup_kwargs(args)), **extra)
 
 
 def prepare(args, load=None):

@@ -18,6 +18,9 @@ from ldm.errors import UserError
 from ldm.image_io import images_to_tensor, tensor_to_images
 from ldm.models.diffusion.samplers import SAMPLERS, check_eta, check_sampler, check_strength, schedule_for  # noqa: F401
 from ldm.models.diffusion.samplers import make_sampler as _make_sampler
+from ldm.models.tiled_vae import check_mode as check_vae_tiling
+from ldm.models.tiled_vae import first_stage_settings
+from ldm.modules.speedups import approximated, check_approximations
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,14 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def precision_scope(device, precision="autocast", bf16=False):
+def precision_scope(device, precision="autocast", bf16=False, parameters=None):
     """Autocast as the official scripts use it: float16 on CUDA, bfloat16 when ``bf16`` is set,
     plain float32 otherwise. On a CPU without native bfloat16, ``bf16=True`` runs float32 with a
     warning (emulated bfloat16 is often 100x slower) and ``bf16="force"`` runs bfloat16 anyway;
-    the decision is ``ldm.precision.autocast_dtype``."""
+    the decision is ``ldm.precision.autocast_dtype`` (``bf16="auto"`` decides by the CPU and the
+    denoiser's ``parameters``)."""
     from ldm.precision import autocast_dtype
-    dtype = autocast_dtype(device, precision, bf16)
+    dtype = autocast_dtype(device, precision, bf16, parameters=parameters)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
@@ -109,6 +113,12 @@ def text_conditioning(model, prompts, sampling, strength=None):
 def _decode(model, z):
     x = model.decode_first_stage(z)
     return tensor_to_images(torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0))
+
+
+def denoiser_size(model):
+    """Parameters of ``model``'s denoiser (the part every sampling step runs), for ``bf16="auto"``."""
+    denoiser = getattr(model, "model", model)
+    return sum(p.numel() for p in denoiser.parameters())
 
 
 def ema_weights(model):
@@ -158,6 +168,17 @@ class Sampling:
     emphasis: str = "original"
     truncate: bool = False
     clip_skip: object = None
+    # VAE tiling of decode (and img2img's encode): "auto" tiles only images larger than 768x768,
+    # "on" any image larger than one tile, "off" never (see ldm.models.tiled_vae; the VAE also runs
+    # in the channels_last layout there, 0.87x the time)
+    vae_tiling: str = "auto"
+    # opt-in approximate speed-ups, off by default (see ldm.modules.speedups): a full U-Net every
+    # ``deepcache`` steps (0/1: off) at branch ``deepcache_depth`` (None: its default), ``tome`` of the
+    # tokens merged before self-attention (0: off), ``int8`` quantized Linear layers
+    deepcache: int = 0
+    deepcache_depth: object = None
+    tome: float = 0.0
+    int8: bool = False
 
 
 def sampled_steps(sampling, strength=None):
@@ -197,12 +218,19 @@ def run_generation(model, prompts, sampling, make_batch, setup=None):
     check_settings(model, sampler=sampling.sampler, steps=sampling.steps, scale=sampling.scale,
                    eta=sampling.eta, n_samples=sampling.n_samples, n_iter=sampling.n_iter,
                    schedule=sampling.schedule, sigmas=sampling.sigmas)
+    check_vae_tiling(sampling.vae_tiling)
+    check_approximations(sampling.deepcache, sampling.deepcache_depth, sampling.tome, sampling.int8)
     device = checked_device(model, sampling.device)
     data = batches(prompts, sampling.n_samples)
     sampler = make_sampler(sampling.sampler, model, schedule=sampling.schedule, sigmas=sampling.sigmas)
     seed_everything(sampling.seed)
     images = []
-    with torch.no_grad(), precision_scope(device, sampling.precision, sampling.bf16), ema_weights(model):
+    # innermost: int8 quantizes the weights in use (EMA's, when it swaps them in)
+    speedups = approximated(model, deepcache=sampling.deepcache, deepcache_depth=sampling.deepcache_depth,
+                            tome=sampling.tome, int8=sampling.int8)
+    with torch.no_grad(), precision_scope(device, sampling.precision, sampling.bf16, denoiser_size(model)), \
+            ema_weights(model), \
+            first_stage_settings(model, sampling.vae_tiling, channels_last=True), speedups:
         state = setup(sampler) if setup is not None else None
         for _ in range(sampling.n_iter):
             for batch in data:

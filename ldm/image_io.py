@@ -31,7 +31,9 @@ PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type"
                     ("Clip skip", "clip_skip"),
                     ("Eta", "eta"), ("Timestep spacing", "spacing"), ("CFG Rescale phi", "guidance_rescale"),
                     ("Denoising strength", "strength"), ("Noise level", "noise_level"),
-                    ("Lora hashes", "lora_hashes"))
+                    ("Lora hashes", "lora_hashes"), ("VAE tiling", "vae_tiling"),
+                    ("DeepCache", "deepcache"), ("DeepCache depth", "deepcache_depth"),
+                    ("Token merging ratio", "tome"), ("Int8", "int8"))
 # ControlNet units: params["controlnet"] = ["Module: canny, Model: ..., Weight: 1, ...", ...], written as
 # "ControlNet 0: \"...\"", "ControlNet 1: ..." (see cldm.infotext)
 CONTROLNET_KEY, CONTROLNET_LABEL = "controlnet", "ControlNet"

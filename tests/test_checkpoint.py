@@ -440,3 +440,143 @@ def test_bad_checkpoints_through_txt2img(scripts, tmp_path, capsys, kind, messag
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ loading without a second copy
+# load_model maps the file (torch.load mmap, safetensors), builds the model without random
+# initialisation and makes the mapped tensors its parameters (assign): the weights are in RAM once.
+
+def mapped_from(tensor, path):
+    """Whether ``tensor``'s memory lies in a mapping of the file ``path`` (Linux /proc/self/maps)."""
+    ptr, name = tensor.data_ptr(), str(path.resolve())
+    with open("/proc/self/maps") as maps:
+        lines = maps.readlines()
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].strip() == name:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= ptr < end:
+                return True
+    return False
+
+
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+
+
+def plainly_loaded(tiny, path):
+    """The tiny model as the official code loads it: random init, torch.load, load_state_dict copies."""
+    model = tiny.build(seed=9)
+    model.load_state_dict(read_state_dict(path))
+    return model.eval()
+
+
+def same_model(a, b):
+    return same(a.state_dict(), b.state_dict()) and same(dict(a.named_buffers()), dict(b.named_buffers()))
+
+
+def save_weights(sd, path):
+    """``sd`` as a .safetensors file or, for any other suffix, a Lightning-style torch file."""
+    if path.suffix == ".safetensors":
+        save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd}, path)
+    return path
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("name", ["ckpt", "safetensors"])
+def test_load_model_maps_the_weights_from_the_file(tiny, tiny_files, name):
+    path = getattr(tiny_files, name)
+    model, reference = load_model(tiny_files.config, path, device="cpu"), plainly_loaded(tiny, path)
+    assert same_model(model, reference)
+    assert all(mapped_from(p, path) for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in reference.parameters()]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_half_precision_file_into_a_float32_model(tiny_files, tmp_path, suffix):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tiny_files.state_dict.items()}
+    model = load_model(tiny_files.config, save_weights(half, tmp_path / f"half{suffix}"), device="cpu")
+    loaded = model.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float())
+               for k, v in half.items() if v.is_floating_point())
+
+
+def test_legacy_torch_file_is_read_whole(tiny, tiny_files, tmp_path):
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": tiny_files.state_dict}, path, _use_new_zipfile_serialization=False)
+    assert same(read_state_dict(path), tiny_files.state_dict)
+    assert same_model(load_model(tiny_files.config, path, device="cpu"), plainly_loaded(tiny, path))
+
+
+def test_one_tensor_under_two_keys_becomes_two_weights(tiny_files, tmp_path):
+    """A file may store tied weights once; changing one weight in place must not change the other."""
+    sd = dict(tiny_files.state_dict)
+    first, second = "model.diffusion_model.out.0.weight", "model.diffusion_model.out.0.bias"
+    sd[second] = sd[first]
+    torch.save({"state_dict": sd}, tmp_path / "tied.ckpt")
+    model = load_model(tiny_files.config, tmp_path / "tied.ckpt", device="cpu")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params[first].add_(1.0)
+    assert torch.equal(params[second], sd[first]) and torch.equal(params[first], sd[first] + 1)
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("name", ["ckpt", "safetensors"])
+def test_lora_merge_and_ema_swap_write_to_mapped_weights_not_the_file(tiny, tiny_files, tmp_path, name):
+    from ldm.modules.lora import LoraMerger, lora_use
+    ema = tiny.build(tiny.config(use_ema=True), seed=2)
+    with torch.no_grad():
+        for buffer in ema.model_ema.buffers():
+            if buffer.dim():  # the averaged weights, not decay or the update count
+                buffer.add_(0.5)
+    path = save_weights(ema.state_dict(), tmp_path / f"ema.{name}")
+    written = path.read_bytes()
+    config = tiny.write_config(tiny.config(use_ema=True), tmp_path / "ema.yaml")
+    model = load_model(config, path, device="cpu")
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    q = dict(model.named_parameters())[key]
+    assert mapped_from(q, path)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{layer}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{layer}.lora_up.weight": torch.randn(32, 4, generator=g), f"{layer}.alpha": torch.tensor(4.0)},
+              tmp_path / "lora.safetensors")
+    merger = LoraMerger(model)
+    with merger.applied([lora_use(merger.load(tmp_path / "lora.safetensors"), 1.0)]):
+        assert not torch.equal(q, original[key])
+    with model.ema_scope():
+        assert torch.equal(q, original["model_ema." + key[len("model."):].replace(".", "")])
+    assert same(model.state_dict(), original)
+    assert path.read_bytes() == written
+
+
+def write_safetensors_misaligned(sd, path):
+    """``sd`` as a safetensors file whose tensors all start one byte off their alignment: a
+    one-byte position_ids (ignored on load) first; safetensors' own writer never does this."""
+    import json
+    import struct
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header = {checkpoint.POSITION_IDS_KEY: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}
+    blobs, offset = [b"\0"], 1
+    for key, value in sd.items():
+        data = value.contiguous().numpy().tobytes()
+        header[key] = {"dtype": names[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return path
+
+
+def test_misaligned_tensors_are_copied_to_aligned_memory(tiny, tiny_files, tmp_path):
+    path = write_safetensors_misaligned(tiny_files.state_dict, tmp_path / "misaligned.safetensors")
+    assert read_state_dict(path)[UNET_IN].data_ptr() % 4 == 1   # as safetensors maps it
+    model = load_model(tiny_files.config, path, device="cpu")
+    assert all(t.data_ptr() % t.element_size() == 0 for t in model.state_dict().values())
+    assert same_model(model, plainly_loaded(tiny, tiny_files.ckpt))

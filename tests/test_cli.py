@@ -241,7 +241,32 @@ def test_spacing_and_cfg_rescale_reach_the_sampler_and_the_png(scripts, tiny_fil
     assert params["spacing"] == "trailing" and params["guidance_rescale"] == "0.7"
 
 
+def test_vae_tiling_reaches_the_decode_and_the_png(scripts, tiny_files, tmp_path, monkeypatch):
+    from ldm.models import tiled_vae
+    seen = []
+    original = tiled_vae.decode
+
+    def recording(autoencoder, z, mode="off", tiling=tiled_vae.Tiling(), channels_last=False):
+        seen.append((mode, channels_last))
+        return original(autoencoder, z, mode, tiling, channels_last)
+    monkeypatch.setattr(tiled_vae, "decode", recording)
+    common = [*scripts.model_flags(tiny_files), "--steps", "1", "--n_samples", "1", "--skip_grid"]
+    assert scripts.load("txt2img").main([*common, "--vae-tiling", "on", "--outdir", str(tmp_path / "on")]) == 0
+    assert scripts.load("txt2img").main([*common, "--outdir", str(tmp_path / "auto")]) == 0
+    assert seen == [("on", True), ("auto", True)]
+    assert read_parameters(tmp_path / "on" / "samples" / "00000.png")["vae_tiling"] == "on"
+    assert read_parameters(tmp_path / "auto" / "samples" / "00000.png")["vae_tiling"] == "auto"
+
+
+def test_library_refuses_an_unknown_vae_tiling(tiny_model):
+    from ldm.errors import UserError
+    from ldm.generate import txt2img
+    with pytest.raises(UserError, match="VAE tiling 'always' is unknown; use auto, on, off"):
+        txt2img(tiny_model, "a red circle", steps=1, n_samples=1, vae_tiling="always", progress=False)
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--vae-tiling", "always"], "argument --vae-tiling: invalid choice: 'always'"),
     (["--sampler", "Euler", "--spacing", "trailing"], "--spacing sets DDIM/PLMS timesteps"),
     (["--guidance-rescale", "1.5"], "--guidance-rescale must be from 0.0 to 1.0"),
     (["--clip-skip", "0"], "--clip-skip must be 1 or more"),

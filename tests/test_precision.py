@@ -151,8 +151,28 @@ def test_cuda_autocast_is_unchanged():
     assert autocast_dtype(cuda, "full", False, cpu=AVX2_ONLY) is None
 
 
+FULL_SIZE, SMALL = 865_910_724, 6_700_000
+
+
+@pytest.mark.parametrize("cpu, parameters, precision, expected", [
+    (NATIVE_HALF, FULL_SIZE, "autocast", torch.bfloat16),
+    (NATIVE_HALF, FULL_SIZE, "full", None),        # --precision full stays float32
+    (NATIVE_HALF, SMALL, "autocast", None),        # the shipped model: per-op overhead, not matmuls
+    (NATIVE_HALF, None, "autocast", None),
+    (AVX2_ONLY, FULL_SIZE, "autocast", None),      # emulated: never chosen automatically, no warning
+])
+def test_cpu_autocast_auto_bf16(caplog, cpu, parameters, precision, expected):
+    assert autocast_dtype(CPU, precision, "auto", cpu=cpu, parameters=parameters) == expected
+    assert precision_warnings(caplog) == []
+
+
+def test_cuda_autocast_auto_keeps_float16():
+    cuda = torch.device("cuda")
+    assert autocast_dtype(cuda, "autocast", "auto", cpu=NATIVE_HALF, parameters=FULL_SIZE) == torch.float16
+
+
 def test_autocast_dtype_refuses_unknown_values():
-    with pytest.raises(UserError, match="bf16 must be True, False or 'force'"):
+    with pytest.raises(UserError, match="bf16 must be True, False, 'force' or 'auto'"):
         autocast_dtype(CPU, "autocast", "yes")
     with pytest.raises(UserError, match="precision 'double' is unknown"):
         autocast_dtype(CPU, "double", False)
@@ -188,6 +208,15 @@ def test_txt2img_bf16_follows_the_cpu(tiny_model, simulate_cpu, unet_precision, 
     assert len(precision_warnings(caplog)) == 1  # one line per call, not per step
     with precision_scope(CPU, "autocast", bf16):
         assert torch.is_autocast_enabled("cpu") == (expected is not None)
+
+
+@pytest.mark.parametrize("threshold, expected", [(1, torch.bfloat16), (10**12, None)])
+def test_txt2img_auto_bf16_decides_by_the_denoiser_size(tiny_model, simulate_cpu, unet_precision, monkeypatch,
+                                                        threshold, expected):
+    simulate_cpu(NATIVE_HALF)
+    monkeypatch.setattr(ldm.precision, "AUTO_BF16_MIN_PARAMETERS", threshold)
+    txt2img(tiny_model, "a circle", bf16="auto", **FAST)
+    assert unet_precision and {autocast for autocast, _ in unet_precision} == {expected}
 
 
 @pytest.fixture

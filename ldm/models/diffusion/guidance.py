@@ -13,6 +13,10 @@ Prompt editing and alternation make the conditioning change over the steps: a
 ``ScheduledConditioning`` anywhere in ``cond``/``uncond`` is resolved to the tensor of the sampler's
 current step, ``GuidedModel.step``, which every sampler sets as it advances (0 for its first step;
 the extra evaluations of a second-order step belong to that step).
+
+What follows a sampling run on the model side (``ldm.modules.speedups``: step caching, token merging) sits
+in the model's ``run_listeners``: each hears ``start_run()`` when a guided model is made for a run and
+``at_step(step)`` before every evaluation.
 """
 import torch
 
@@ -87,6 +91,9 @@ class GuidedModel:
         self.corrector_kwargs = corrector_kwargs or {}
         self.guidance_rescale = guidance_rescale
         self.step = 0
+        self.listeners = tuple(getattr(model, "run_listeners", ()))
+        for listener in self.listeners:
+            listener.start_run()
 
     @property
     def parameterization(self):
@@ -98,6 +105,8 @@ class GuidedModel:
 
     def __call__(self, x, t):
         """Guided raw model output (eps or v) for ``x`` [B, ...] at timesteps ``t`` [B] (int or float)."""
+        for listener in self.listeners:
+            listener.at_step(self.step)
         cond = conditioning_at(self.cond, self.step)
         if not self.guided:
             return self.model.apply_model(x, t, cond)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.errors import UserError
+from ldm.models import tiled_vae
 from ldm.models.diffusion.ddpm_base import DDPM
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.prompt_encoder import ChunkedTextEncoder
@@ -22,6 +23,12 @@ RAW_CONDITIONING_KEYS = ("caption", "coordinates_bbox", "txt")
 
 
 class LatentDiffusion(DDPM):
+    # How decode_first_stage/encode_first_stage run the VAE: tiled ("off", "on" or "auto") and in
+    # the channels_last layout (see ldm.models.tiled_vae). Sampling sets both for a run
+    # (tiled_vae.first_stage_settings); the model's own default is the plain official computation.
+    first_stage_tiling = "off"
+    first_stage_channels_last = False
+
     def __init__(self, first_stage_config, cond_stage_config, num_timesteps_cond=None, cond_stage_key="image",
                  cond_stage_trainable=False, concat_mode=True, cond_stage_forward=None, conditioning_key=None,
                  scale_factor=1.0, scale_by_std=False, force_null_conditioning=False, *args, **kwargs):
@@ -110,11 +117,13 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
+        return tiled_vae.encode(self.first_stage_model, x, self.first_stage_tiling,
+                                channels_last=self.first_stage_channels_last)
 
     @torch.no_grad()
     def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
-        return self.first_stage_model.decode(z / self.scale_factor)
+        return tiled_vae.decode(self.first_stage_model, z / self.scale_factor, self.first_stage_tiling,
+                                channels_last=self.first_stage_channels_last)
 
     def differentiable_decode_first_stage(self, z):
         return self.first_stage_model.decode(z / self.scale_factor)

@@ -192,13 +192,20 @@ class Encoder(_ResolutionStack):
                                   padding=1)
 
     def forward(self, x):
-        temb = None
+        return self.from_features(self.to_features(x))
+
+    # The two halves of forward, apart for tiled encoding (ldm.models.tiled_vae): the levels at
+    # image resolution, and what runs at latent resolution (the middle and the output layers).
+    def to_features(self, x):
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            h = run_level(down, h, temb)
+            h = run_level(down, h, None)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
-        h = self.run_middle(h, temb)
+        return h
+
+    def from_features(self, h):
+        h = self.run_middle(h, None)
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
@@ -228,11 +235,18 @@ class Decoder(_ResolutionStack):
 
     def forward(self, z):
         self.last_z_shape = z.shape
-        temb = None
-        h = self.run_middle(self.conv_in(z), temb)
+        return self.from_features(self.to_features(z))
+
+    # The two halves of forward, apart for tiled decoding (ldm.models.tiled_vae): what runs at
+    # latent resolution (conv_in and the middle, whose attention sees every latent pixel), and
+    # the upsampling levels with the output layers.
+    def to_features(self, z):
+        return self.run_middle(self.conv_in(z), None)
+
+    def from_features(self, h):
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
-            h = run_level(up, h, temb)
+            h = run_level(up, h, None)
             if i_level != 0:
                 h = up.upsample(h)
         if self.give_pre_end:

@@ -160,8 +160,9 @@ def checkpoint(func, inputs, params, flag):
 
 
 def zero_module(module):
+    # through torch.nn.init, so that a build whose weights are loaded next skips it (ldm.skip_init)
     for p in module.parameters():
-        p.detach().zero_()
+        nn.init.zeros_(p)
     return module
 
 

@@ -1,0 +1,46 @@
+"""Speed levers for inference that keep the result (float32 rounding aside), each opt-in and named.
+
+bench/unet_step.py measures each alone against the plain model and diffusers (bench/README.md has
+what paid and what did not); the sampling scripts turn on the ones that paid.
+
+- ``winograd``: 3x3 convolutions on large CPU feature maps by F(4x4, 3x3) (``ldm.modules.winograd``).
+- ``channels_last``: weights and activations in NHWC order, the layout oneDNN convolutions prefer.
+- ``compile``: ``torch.compile`` (inductor) of the whole network; the first call compiles (minutes on a
+  small CPU), later processes reuse inductor's on-disk cache.
+- ``compile-freezing``: the same with inductor's freezing (weights folded in as constants, convolution
+  and matmul weights prepacked for oneDNN); inference only.
+- ``attention-math``: attention as two matmuls and a softmax instead of PyTorch's fused SDPA kernel.
+- ``attention-no-upcast``: under bfloat16 autocast, attention in bfloat16 instead of float32 (what
+  ``ATTN_PRECISION=fp16`` does in the scripts).
+
+Two more are process settings, not model changes, so they have no function here: the memory allocator
+(jemalloc or tcmalloc through ``LD_PRELOAD``, see bench/README.md) and the thread count.
+"""
+import torch
+
+from ldm.errors import UserError
+
+LEVERS = ("winograd", "channels_last", "compile", "compile-freezing", "attention-math", "attention-no-upcast")
+
+
+def apply_lever(model, name):
+    """Turn lever ``name`` on for ``model`` (in place); returns ``model``."""
+    if name not in LEVERS:
+        raise UserError(f"unknown speed lever '{name}'; use one of {', '.join(LEVERS)}")
+    if name == "winograd":
+        from ldm.modules.winograd import use_winograd
+        use_winograd(model)
+    elif name == "channels_last":
+        model.to(memory_format=torch.channels_last)
+    elif name in ("attention-math", "attention-no-upcast"):
+        from ldm.modules.attention import set_attention_options
+        if name == "attention-math":
+            set_attention_options(model, backend="math")
+        else:
+            set_attention_options(model, upcast=False)
+    else:
+        if name == "compile-freezing":
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+        model.compile()
+    return model

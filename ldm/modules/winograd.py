@@ -1,0 +1,122 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, CVPR 2016), for CPU inference.
+
+A 4x4 block of outputs of a 3x3 convolution needs 144 multiplications per (input, output) channel pair
+done directly, and 36 in the Winograd domain: the 6x6 input tile and the 3x3 filter are transformed
+(``B^T d B``, ``G g G^T``), multiplied elementwise (summed over input channels, which makes it 36
+batched matrix products), and transformed back (``A^T m A``). On the CPU the U-Net's 3x3 convolutions
+at high resolution are compute-bound, so doing a quarter of the multiplications pays even after the
+transforms, which are cheap matrix products over the 36 tile positions.
+
+The result differs from the direct convolution by float32 rounding only (about 1e-5 of the output's
+largest value: the transforms have coefficients up to 8 and 1/24). The transformed filter takes 4x the
+memory of the filter, so it is cached only for convolutions that run at large feature maps (the
+first U-Net levels, where the gain is largest) and only up to a memory budget per model (past it,
+convolutions run directly); it is recomputed when the weight changes in place (a LoRA merged or
+restored).
+
+    notation: d input tile 6x6, g filter 3x3, output tile y = A^T [(G g G^T) * (B^T d B)] A, 4x4
+"""
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+TILE, WINDOW = 4, 6
+
+
+def _kron(m):
+    m = torch.tensor(m, dtype=torch.float64)
+    return torch.kron(m, m)  # vec(M X M^T) = kron(M, M) vec(X) for row-major vec
+
+
+INPUT_TRANSFORM = _kron(_B_T).float()    # [36, 36]
+OUTPUT_TRANSFORM = _kron(_A_T).float()   # [16, 36]
+FILTER_TRANSFORM = _kron(_G)             # [36, 9], float64: done once per weight
+
+
+def transform_filter(weight):
+    """[K, C, 3, 3] filter -> [36, C, K] in the Winograd domain (computed in float64)."""
+    k, c = weight.shape[:2]
+    u = FILTER_TRANSFORM @ weight.detach().double().reshape(k * c, 9).T  # [36, K*C]
+    return u.to(weight.dtype).view(36, k, c).transpose(1, 2).contiguous()
+
+
+def winograd_conv3x3(x, filter_tf, bias=None):
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` given as ``transform_filter(weight)``."""
+    n, c, h, w = x.shape
+    k = filter_tf.shape[2]
+    th, tw = -(-h // TILE), -(-w // TILE)
+    x = F.pad(x, (1, TILE * tw + 1 - w, 1, TILE * th + 1 - h))  # [N, C, 4th+2, 4tw+2]
+    tiles = x.unfold(2, WINDOW, TILE).unfold(3, WINDOW, TILE)  # [N, C, th, tw, 6, 6], a view
+    tiles = tiles.permute(4, 5, 0, 2, 3, 1).reshape(WINDOW * WINDOW, -1)  # [36, N*th*tw*C]
+    v = (INPUT_TRANSFORM @ tiles).view(WINDOW * WINDOW, n * th * tw, c)  # [36, T, C]
+    m = torch.bmm(v, filter_tf)  # [36, T, K]
+    y = (OUTPUT_TRANSFORM @ m.view(WINDOW * WINDOW, -1)).view(TILE, TILE, n, th, tw, k)
+    y = y.permute(2, 5, 3, 0, 4, 1)  # [N, K, th, 4, tw, 4]
+    if bias is None:
+        out = y.contiguous().view(n, k, TILE * th, TILE * tw)
+    else:  # the bias rides on the copy into NCHW order
+        out = torch.add(y, bias.view(1, k, 1, 1, 1, 1), out=y.new_empty(y.shape)).view(n, k, TILE * th, TILE * tw)
+    if TILE * th != h or TILE * tw != w:
+        out = out[:, :, :h, :w].contiguous()
+    return out
+
+
+@dataclass
+class _Budget:
+    """Bytes of transformed filters a model may still cache."""
+    left: int
+
+
+def _qualifies(conv):
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _winograd_forward(conv, x):
+    use = (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+           and conv.weight.dtype == torch.float32 and x.shape[2] * x.shape[3] >= conv.winograd_min_pixels
+           and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))
+    if not use:
+        return nn.Conv2d.forward(conv, x)
+    version = (conv.weight.data_ptr(), conv.weight._version)
+    if conv.winograd_cache is None or conv.winograd_cache[0] != version:
+        size = 4 * conv.weight.numel() * conv.weight.element_size()
+        held = 0 if conv.winograd_cache is None else conv.winograd_cache[1].numel() * 4
+        if size > conv.winograd_budget.left + held:
+            return nn.Conv2d.forward(conv, x)
+        conv.winograd_budget.left += held - size
+        conv.winograd_cache = (version, transform_filter(conv.weight))
+    return winograd_conv3x3(x, conv.winograd_cache[1], conv.bias)
+
+
+def use_winograd(model, min_size=32, budget_bytes=1 << 30):
+    """Run ``model``'s 3x3 stride-1 convolutions by F(4x4, 3x3) on float32 CPU inputs of at least
+    ``min_size`` x ``min_size`` pixels (smaller ones, other devices and dtypes, and anything needing
+    gradients run ``nn.Conv2d`` as before), caching at most ``budget_bytes`` of transformed filters
+    (first come, first served; the rest run directly). Returns the number of convolutions switched.
+    The state dict is untouched; :func:`stop_winograd` undoes it."""
+    count, budget = 0, _Budget(budget_bytes)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and _qualifies(module):
+            module.winograd_min_pixels = min_size * min_size
+            module.winograd_budget = budget
+            module.winograd_cache = None
+            module.forward = types.MethodType(_winograd_forward, module)
+            count += 1
+    return count
+
+
+def stop_winograd(model):
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(module, nn.Conv2d) and getattr(forward, "__func__", None) is _winograd_forward:
+            del module.forward
+            module.winograd_cache = None
