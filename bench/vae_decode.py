@@ -23,7 +23,7 @@ its own.
    tiling), and diffusers' own tiled decode; peak RSS, time, and PSNR against our untiled decode.
    At --size, tiled with half-size tiles, so that there are seams to measure. Encode of a
    --large image untiled and tiled: the latents' difference.
-3. sweep (not run by default): other tile sizes, overlaps, margins, and tiles with their own GroupNorm statistics
+3. sweep (not run by default): other tile sizes and overlaps, and tiles with their own GroupNorm statistics
    instead of the whole image's, at --large.
 4. The shipped shapes VAE (trained, so its statistics are those of real images): a 256 px mosaic
    of 16 shape images decoded untiled and with 128 px tiles, whole-image or per-tile GroupNorm
@@ -57,10 +57,10 @@ SPEED_LEVERS = ["fp32", "channels_last", "channels_last_input", "inplace", "attn
                 "bf16_weights", "bf16_weights+channels_last"]
 # allocators a lever preloads into the worker (Debian's libjemalloc2 and libtcmalloc-minimal4)
 ALLOCATORS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
-# the sweep's tilings: (tile, overlap, margin, image_norms) in pixels
-SWEEP = [(512, 128, 0, True), (512, 64, 0, True), (512, 192, 32, True), (384, 128, 32, True),
-         (640, 128, 32, True), (512, 128, 32, False)]
-SMOKE_TILING = (64, 32, 8, True)
+# the sweep's tilings: (tile, overlap, image_norms), sides in pixels
+SWEEP = [(512, 64, True), (512, 192, True), (384, 128, True), (640, 128, True), (512, 128, False),
+         (512, 192, False)]
+SMOKE_TILING = (64, 32, True)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -170,8 +170,8 @@ def loaded_allocator():
 def tiling_from(spec):
     from ldm.models.tiled_vae import Tiling
 
-    tile, overlap, margin, image_norms = spec
-    return Tiling(tile, overlap, margin, bool(image_norms))
+    tile, overlap, image_norms = spec
+    return Tiling(tile, overlap, bool(image_norms))
 
 
 def make_call(model, impl, job, autocast, dtype):
@@ -316,7 +316,7 @@ def tiling_runs(args, params, paths, workdir, impls, tiling):
     base = dict(base_job(args, params, paths), repeats=1, warmup=0)
     large = dict(base, input=paths["latent_large"])
     small = dict(base, input=paths["latent_small"])
-    half = (tiling[0] // 2, tiling[1] // 2, tiling[2] // 2, tiling[3])
+    half = (tiling[0] // 2, tiling[1] // 2, tiling[2])
     encode = dict(base, op="encode", input=paths["image_large"])
 
     def run(job, name, spec=None, reference=None, kind="image"):
@@ -342,10 +342,10 @@ def tiling_runs(args, params, paths, workdir, impls, tiling):
 
 
 def spec_label(spec):
-    """tile/overlap/margin px and whose GroupNorm statistics, or "untiled"."""
+    """tile/overlap px and whose GroupNorm statistics, or "untiled"."""
     if spec is None:
         return "untiled"
-    return "/".join(str(v) for v in spec[:3]) + (" image norms" if spec[3] else " tile norms")
+    return f"{spec[0]}/{spec[1]}" + (" image norms" if spec[2] else " tile norms")
 
 
 def sweep_runs(args, params, paths, workdir, tiling_rows):
@@ -378,11 +378,11 @@ def shipped_vae_seams():
     with torch.inference_mode():
         z = vae.encode(x).mode()
         untiled = vae.decode(z)
-        for tile, overlap, margin in ((128, 32, 8), (64, 32, 8)):
+        for tile, overlap in ((128, 32), (64, 32)):
             for image_norms in (True, False):
-                tiling = tiled_vae.Tiling(tile, overlap, margin, image_norms)
+                tiling = tiled_vae.Tiling(tile, overlap, image_norms)
                 tiled = tiled_vae.tiled_decode(vae, z, tiling)
-                rows.append({"tiling": spec_label((tile, overlap, margin, image_norms)), "image": "256 px mosaic",
+                rows.append({"tiling": spec_label((tile, overlap, image_norms)), "image": "256 px mosaic",
                              "psnr_db": image_psnr(tiled, untiled)})
     return rows
 
@@ -429,7 +429,7 @@ def print_tables(report):
 
 
 def print_tiling_tables(report):
-    head = f"{'run':<48} {'tiling (tile/overlap/margin px)':<32} {'s':>7} {'peak GB':>8} {'PSNR dB':>8} {'rel rmse':>9}"
+    head = f"{'run':<48} {'tiling (tile/overlap px)':<32} {'s':>7} {'peak GB':>8} {'PSNR dB':>8} {'rel rmse':>9}"
     print(head + "\n" + "-" * len(head))
     for r in report["tiling"] + report.get("sweep", []):
         if r.get("error"):
@@ -442,7 +442,7 @@ def print_tiling_tables(report):
 
 
 def run_all(args):
-    from ldm.models.tiled_vae import MARGIN_PIXELS, OVERLAP_PIXELS, TILE_PIXELS
+    from ldm.models.tiled_vae import OVERLAP_PIXELS, TILE_PIXELS
 
     params = vae_config(args.config, args.smoke)
     impls = list(args.impls)
@@ -450,7 +450,7 @@ def run_all(args):
     if "diffusers" in impls and importlib.util.find_spec("diffusers") is None:
         impls.remove("diffusers")
         notes.append("diffusers is not importable: peer skipped (see bench/README.md)")
-    tiling = SMOKE_TILING if args.smoke else (TILE_PIXELS, OVERLAP_PIXELS, MARGIN_PIXELS, True)
+    tiling = SMOKE_TILING if args.smoke else (TILE_PIXELS, OVERLAP_PIXELS, True)
     with tempfile.TemporaryDirectory(prefix="vae_decode_") as workdir:
         paths = write_inputs(args, params, workdir)
         report = {"what": "SD VAE decode/encode on the CPU, random seeded weights; every run its own process",

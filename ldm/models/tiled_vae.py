@@ -18,8 +18,9 @@ numbers behind the defaults):
   ``image_norms`` a first pass over the tiles gathers every GroupNorm's statistics over the whole
   image (each position weighted by its blend weight, so it counts once) and the second pass uses
   them in every tile, as the untiled network would (twice the tile work);
-- convolutions see zero padding at the tile's border, which spoils the output up to a few dozen
-  pixels in: a tile's weight is 0 for the ``margin`` pixels of an overlap nearest its edge.
+- convolutions see zero padding at the tile's border, which spoils the output a few dozen pixels
+  in: the linear ramps give a tile's border little weight (giving its outer quarter of each
+  overlap no weight at all measured no better).
 
 ``mode`` is "off" (never tile), "on" (tile whenever the image is larger than one tile) or "auto"
 (tile only images larger than ``AUTO_MAX_PIXELS``, so that every model's native size decodes
@@ -42,7 +43,6 @@ MODES = ("auto", "on", "off")
 # for the overlap.
 TILE_PIXELS = 512
 OVERLAP_PIXELS = 128
-MARGIN_PIXELS = 32
 # "auto" tiles images of more pixels than this: 768x768 is the largest native size (SD 2.x 768-v)
 # and its untiled decode needs about 2.3x the activations of a 512x512 one; 1024x1024 needs 4x.
 AUTO_MAX_PIXELS = 768 * 768
@@ -50,23 +50,19 @@ AUTO_MAX_PIXELS = 768 * 768
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile side, overlap of neighbours and the margin of an overlap that a tile does not
-    contribute to (its output there is the most wrong), in image pixels; multiples of the latent
-    factor."""
+    """Tile side and overlap of neighbours in image pixels (multiples of the latent factor)."""
     tile: int = TILE_PIXELS
     overlap: int = OVERLAP_PIXELS
-    margin: int = MARGIN_PIXELS
     # GroupNorm statistics of the whole image, from a first pass over the tiles
     image_norms: bool = True
 
     def __post_init__(self):
-        if not (0 <= 2 * self.margin < self.overlap < self.tile or self.margin == self.overlap == 0):
-            raise UserError(f"VAE tiling needs 0 <= 2 * margin < overlap < tile, got tile {self.tile}, "
-                            f"overlap {self.overlap}, margin {self.margin}")
+        if not 0 <= self.overlap < self.tile:
+            raise UserError(f"VAE tiling needs 0 <= overlap < tile, got tile {self.tile}, overlap {self.overlap}")
 
     def in_latent(self, factor):
-        """(tile, overlap, margin) in latent pixels."""
-        return self.tile // factor, self.overlap // factor, self.margin // factor
+        """(tile, overlap) in latent pixels."""
+        return self.tile // factor, self.overlap // factor
 
 
 def check_mode(mode):
@@ -101,10 +97,9 @@ def tile_spans(size, tile, overlap):
     return [(s, s + length) for s in (round(i * (size - length) / (count - 1)) for i in range(count))]
 
 
-def blend_weights(spans, scale, margin=0):
-    """One weight vector per span (``scale`` weights per span unit). Across each overlap with a
-    neighbour a tile's weight is 0 for the ``margin`` weights nearest its edge, then rises linearly
-    to 1; elsewhere it is 1. Normalised to sum to 1 at every position."""
+def blend_weights(spans, scale):
+    """One weight vector per span (``scale`` weights per span unit): a linear ramp across each overlap
+    with a neighbour, 1 elsewhere; normalised to sum to 1 at every position."""
     weights = []
     for i, (start, end) in enumerate(spans):
         position = torch.arange((end - start) * scale, dtype=torch.float64) + 0.5
@@ -112,13 +107,11 @@ def blend_weights(spans, scale, margin=0):
         for neighbour, distance in ((i - 1, position), (i + 1, position.flip(0))):
             if 0 <= neighbour < len(spans):
                 shared = (min(end, spans[neighbour][1]) - max(start, spans[neighbour][0])) * scale
-                ramp = ((distance - margin) / (shared - 2 * margin)).clamp(0.0, 1.0)
-                weight = torch.minimum(weight, ramp)
+                weight = torch.minimum(weight, (distance / shared).clamp(max=1.0))
         weights.append(weight)
     total = torch.zeros(spans[-1][1] * scale, dtype=torch.float64)
     for (start, _), weight in zip(spans, weights):
         total[start * scale:start * scale + len(weight)] += weight
-    assert total.min() > 0, "every position needs a tile that contributes to it"
     return [(w / total[s * scale:s * scale + len(w)]).float() for (s, _), w in zip(spans, weights)]
 
 
@@ -197,11 +190,10 @@ class _Tile:
 def _tiles(height, width, tiling, factor, decoding):
     """The tiles over a latent of ``height`` x ``width``, for the decoder (image output, ``factor``
     times larger) or the encoder (image input, latent output)."""
-    tile, overlap, _ = tiling.in_latent(factor)
+    tile, overlap = tiling.in_latent(factor)
     in_scale, out_scale = (1, factor) if decoding else (factor, 1)
-    margin = tiling.margin * out_scale // factor
     rows, cols = tile_spans(height, tile, overlap), tile_spans(width, tile, overlap)
-    row_weights, col_weights = blend_weights(rows, out_scale, margin), blend_weights(cols, out_scale, margin)
+    row_weights, col_weights = blend_weights(rows, out_scale), blend_weights(cols, out_scale)
     return [_Tile((slice(y0 * in_scale, y1 * in_scale), slice(x0 * in_scale, x1 * in_scale)),
                   (slice(y0 * out_scale, y1 * out_scale), slice(x0 * out_scale, x1 * out_scale)),
                   row_weight[:, None] * col_weight[None, :])
