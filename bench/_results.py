@@ -1,4 +1,4 @@
-"""Where a benchmark writes its JSON, shared by the scripts in bench/ (run as ``python bench/<x>.py``,
+"""Where a benchmark writes its JSON, and the machine it ran on; shared by the scripts in bench/ (run as ``python bench/<x>.py``,
 so this folder is on ``sys.path``).
 
 bench/results/<name>.json are committed: the READMEs quote them. A plain run therefore writes a new
@@ -7,6 +7,8 @@ that exists is replaced only with ``--force``. The check happens before the benc
 refused run costs nothing.
 """
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -64,3 +66,21 @@ def write_results(path, report):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def machine_record():
+    """The CPU's model name, cores and the threads torch uses, its kernels' capability and the half types
+    it runs natively (what decides bf16), torch and Python versions: what a timing depends on."""
+    import torch
+
+    from ldm.precision import NAMES, host_cpu
+    model_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cpu = host_cpu()
+    return {"cpu": model_name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu_capability": cpu.capability, "native_half": sorted(NAMES[d] for d in cpu.native),
+            "native_half_from": cpu.source, "torch": torch.__version__, "python": platform.python_version()}

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, checked_results_path, shown_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, machine_record, shown_path, write_results  # noqa: E402
 from ldm.cli import OFFICIAL_DEFAULTS, ArgumentParser, run, shipped_sampling  # noqa: E402
 from ldm.errors import UserError  # noqa: E402
 
@@ -63,18 +63,6 @@ def relative_rmse(a, b):
 
 def finite_or_none(value):
     return value if value is not None and math.isfinite(value) else None
-
-
-def machine_record():
-    import platform
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, checked_results_path, shown_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, machine_record, shown_path, write_results  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
 GLOBAL_STEP = 470000  # any count; the official files carry the step they were saved at
@@ -264,18 +264,6 @@ def main(argv=None):
         return 1 if any(row.get("error") for row in report["rows"]) else 0
 
     return run(body, argv)
-
-
-def machine_record():
-    import platform
-    import torch
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _results import add_out_arguments, checked_results_path, shown_path, write_results  # noqa: E402
+from _results import add_out_arguments, checked_results_path, machine_record, shown_path, write_results  # noqa: E402
 from ldm.cli import OFFICIAL_DEFAULTS, SHIPPED_DEFAULTS, ArgumentParser, run  # noqa: E402
 from ldm.errors import UserError  # noqa: E402
 from ldm.models.diffusion.k_sampling import STOCHASTIC_SAMPLERS  # noqa: E402
@@ -366,18 +366,6 @@ def print_report(report):
     print(f"\nwall time {report['wall_seconds']:.0f} s")
 
 
-def machine_record(threads):
-    import platform
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
 # ---------------------------------------------------------------------------------------------
 # command line
 
@@ -446,7 +434,7 @@ def _main(argv):
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
     report = {"command": shlex.join(["python", "bench/samplers.py", *argv]),
-              "machine": machine_record(torch.get_num_threads()), "seed": args.seed,
+              "machine": machine_record(), "seed": args.seed,
               "reference": f"DDIM, {args.reference_steps} steps, same x_T", "subjects": {}, "notes": []}
     if "shipped" in args.models:
         from ldm.checkpoint import resolve_paths

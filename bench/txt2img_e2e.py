@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from _results import add_out_arguments, checked_results_path, shown_path, write_results
+from _results import add_out_arguments, checked_results_path, machine_record, shown_path, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
@@ -199,13 +199,12 @@ def run_all(args):
         weight_bytes = write_checkpoint(config_path, ckpt_path)
         ours = [run_script(name, flags, args, config_path, ckpt_path, workdir) for name, flags in RUNS.items()]
         peer = run_peer(args, config_path)
-    from unet_step import machine_info
     report = {"what": "scripts/txt2img.py wall time (load, text, sampling, decode, save) and peak RSS; "
                       "diffusers: sum of its components' times for the same work",
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "config": "smoke" if args.smoke else shown_path(CONFIG), "size": args.size, "steps": args.steps,
               "sampler": args.sampler, "fp32_weights_gb": weight_bytes / 2**30,
-              "peak_rss_target_gb": 1.1 * weight_bytes / 2**30 + 1.5, "machine": machine_info(),
+              "peak_rss_target_gb": 1.1 * weight_bytes / 2**30 + 1.5, "machine": machine_record(),
               "ours": ours, "diffusers": peer}
     print_table(report)
     write_results(args.out, report)

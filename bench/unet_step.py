@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from _results import add_out_arguments, results_path, write_results
+from _results import add_out_arguments, machine_record, results_path, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
@@ -252,23 +251,6 @@ def spawn_worker(args, impl, mode, count):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_info():
-    model_name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model_name = next(line.split(":", 1)[1].strip() for line in f
-                              if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from ldm.precision import NAMES, host_cpu
-
-    cpu = host_cpu()
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": cpu.capability,
-            "native_half": sorted(NAMES[dtype] for dtype in cpu.native),
-            "native_half_from": cpu.source, "python": platform.python_version()}
-
-
 def print_table(results, machine):
     native = ", ".join(machine["native_half"]) or "none"
     print(f"CPU: {machine['cpu']}; PyTorch CPU kernels: {machine['cpu_capability']}; "
@@ -330,7 +312,7 @@ def run_workers(args, runs):
 
 
 def report_all(args, results, notes):
-    machine = machine_info()
+    machine = machine_record()
     if any(res.get("path") == "fp32 fallback" for res in results):
         notes.append("no native bf16 on this CPU: the bf16 rows ran float32, as --bf16 would; "
                      "--force-bf16 times emulated bf16 (often 100x slower)")

@@ -35,7 +35,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _results import add_out_arguments, checked_results_path, write_results
+from _results import add_out_arguments, checked_results_path, machine_record, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
@@ -387,21 +386,6 @@ def shipped_vae_seams():
     return rows
 
 
-def machine_info():
-    model_name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from ldm.precision import NAMES, host_cpu
-
-    cpu = host_cpu()
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": cpu.capability, "native_half": sorted(NAMES[d] for d in cpu.native),
-            "python": platform.python_version()}
-
-
 # ------------------------------------------------------------------------------------------ report
 
 def fmt(value, spec, missing="-"):
@@ -457,7 +441,7 @@ def run_all(args):
                   "config": str(Path(args.config).resolve().relative_to(REPO))
                   if Path(args.config).resolve().is_relative_to(REPO) else str(args.config),
                   "smoke": args.smoke, "size": args.size, "large": args.large, "repeats": args.repeats,
-                  "warmup": args.warmup, "machine": machine_info(), "notes": notes}
+                  "warmup": args.warmup, "machine": machine_record(), "notes": notes}
         parts = set(args.parts)
         report["speed"] = speed_runs(args, params, paths, workdir, impls) if "speed" in parts else []
         report["tiling"] = tiling_runs(args, params, paths, workdir, impls, tiling) if "tiling" in parts else []
