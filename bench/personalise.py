@@ -3,8 +3,9 @@
 For each method the training (every command, timed) teaches the model something it cannot draw, and
 ``ldm.data.shapes_concepts`` reads the samples back:
 
-- textual inversion: a new word "cyan" for a colour outside the six; share of cyan shapes when prompts
-  name it (and of those with the prompt's shape);
+- textual inversion: a new word "zwx" for one object (a large orange triangle: colour, shape and size in
+  one word); share of "a zwx ..." samples that show it where and on what the prompt says, with and
+  without the embedding;
 - LoRA and hypernetwork: shapes drawn as outlines, for ordinary prompts; share of outlines at weight 1, and
   whether weight 0 gives the base model's images exactly;
 - DreamBooth: "sks" bound to one instance (a large orange triangle), with prior preservation; share of
@@ -40,6 +41,7 @@ from ldm.data.shapes import (
 )
 from ldm.data.shapes_concepts import (
     INSTANCE,
+    ShapesConcept,
     concept_colour,
     is_outline,
     reads_as_instance,
@@ -51,7 +53,11 @@ CONFIGS = {"textual_inversion": "configs/personalise/shapes-textual-inversion.ya
            "lora": "configs/personalise/shapes-lora.yaml",
            "hypernetwork": "configs/personalise/shapes-hypernetwork.yaml",
            "dreambooth": "configs/personalise/shapes-dreambooth.yaml"}
-TRIGGER = {"textual_inversion": "cyan", "dreambooth": "sks"}
+TRIGGER = {"textual_inversion": "zwx", "dreambooth": "sks"}
+# images per concept for the autoencoder ceiling
+CEILING_IMAGES = 64
+# seeds for the trigger-word prompts (16 prompts: 64 images)
+NAMED_PROMPT_SEEDS = (0, 1, 2, 3)
 # the most any base attribute may lose to DreamBooth (percentage points), as the issue asks
 PRIOR_TOLERANCE = 5.0
 
@@ -64,7 +70,8 @@ def parse_args(argv):
     p.add_argument("--run", action="append", default=[], metavar="METHOD=RUN_DIR",
                    help="measure this main.py run folder instead of training (repeatable)")
     p.add_argument("--workdir", default="outputs/personalise", help="run folders and DreamBooth images go here")
-    p.add_argument("--prompts", type=int, default=54, help="one-shape prompts per measurement (>= 18)")
+    p.add_argument("--prompts", type=int, default=144,
+                   help="one-shape prompts per measurement (>= 18; with 2 seeds, 288 images: a 5-point drop is 14)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--class-images", type=int, default=100, help="DreamBooth prior-preservation images")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: each config's own)")
@@ -160,21 +167,40 @@ def _only(folder, pattern, what):
     return found[0]
 
 
-def measure_textual_inversion(model, folder, prompts, seeds):
-    from ldm.data.shapes import COLOURS, describe, parse_prompt
+def measure_textual_inversion(model, folder):
+    """Share of "a zwx ..." samples showing the object where and on what the prompt says, with the
+    trained embedding and without it (the word then means nothing to the model)."""
     from ldm.modules.encoders.embeddings import use_embeddings
-    word = TRIGGER["textual_inversion"]
-    ti_prompts = [" ".join(word if w in COLOURS else w for w in p.split(" ")) for p in prompts]
+    named = named_prompts(TRIGGER["textual_inversion"])
+    prompts = [p for p, _ in named]
+
+    def hits(images):
+        return _rate(reads_as_instance(im, wanted) for seed in images for (_, wanted), im in zip(named, images[seed]))
+
+    without = hits(_sample(model, prompts, NAMED_PROMPT_SEEDS))
     use_embeddings(model, folder / "adapters" / "pt")
     try:
-        images = _sample(model, ti_prompts, seeds)
+        with_embedding = hits(_sample(model, prompts, NAMED_PROMPT_SEEDS))
     finally:
         use_embeddings(model, None)
-    pairs = [(p, im) for seed in images for p, im in zip(ti_prompts, images[seed])]
-    return {"prompt_example": ti_prompts[0],
-            "new_colour": _rate(concept_colour(im) == word for _, im in pairs),
-            "new_colour_and_shape": _rate(concept_colour(im) == word and describe(im)["shape"] == parse_prompt(p)["shape"]
-                                          for p, im in pairs)}
+    return {"prompt_example": prompts[-1], "object": with_embedding, "object_without_embedding": without}
+
+
+def autoencoder_ceiling(model, n=CEILING_IMAGES):
+    """Per concept, the share of its own images that read as the concept after encoding and decoding with
+    the model's autoencoder (latent mode, no sampling noise)."""
+    readers = {"colour": lambda im, _: concept_colour(im) == "cyan", "outline": lambda im, _: bool(is_outline(im)),
+               "object": lambda im, a: reads_as_instance(im, {k: a[k] for k in ("position", "background")})}
+    ceiling = {}
+    for concept, reads in readers.items():
+        data = ShapesConcept(concept, length=n)
+        attributes = [data.example(i)[0] for i in range(n)]
+        x = torch.stack([torch.from_numpy(data[i]["image"]).permute(2, 0, 1) for i in range(n)])
+        with torch.inference_mode():
+            decoded = model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(x).mode()))
+        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        ceiling[concept] = _rate(reads(im, a) for im, a in zip(images, attributes))
+    return ceiling
 
 
 def measure_style(model, folder, prompts, seeds, base_images, method):
@@ -204,13 +230,12 @@ def measure_style(model, folder, prompts, seeds, base_images, method):
             "fidelity_at_1": base_fidelity(one, prompts)}
 
 
-def instance_prompts():
-    """"a sks triangle" with every position phrase and background, and alone."""
-    word, noun = TRIGGER["dreambooth"], INSTANCE["shape"]
-    prompts = [(f"a {word} {noun}", {})]
+def named_prompts(words):
+    """``(prompt, wanted attributes)``: "a <words>" with every position phrase and background, and alone."""
+    prompts = [(f"a {words}", {})]
     for position in POSITIONS:
         for background in BACKGROUNDS:
-            prompts.append((f"a {word} {noun} {POSITION_PHRASES[position]} on a {background} background",
+            prompts.append((f"a {words} {POSITION_PHRASES[position]} on a {background} background",
                             {"position": position, "background": background}))
     return prompts
 
@@ -218,8 +243,8 @@ def instance_prompts():
 def measure_dreambooth(folder, config, prompts, seeds, base_scores):
     from ldm.checkpoint import load_model
     model = load_model(config, folder / "dreambooth.safetensors", device="cpu")
-    named = instance_prompts()
-    images = _sample(model, [p for p, _ in named], seeds)
+    named = named_prompts(f"{TRIGGER['dreambooth']} {INSTANCE['shape']}")
+    images = _sample(model, [p for p, _ in named], NAMED_PROMPT_SEEDS)
     hits = [reads_as_instance(im, wanted) for seed in images for (_, wanted), im in zip(named, images[seed])]
     after = base_fidelity(_sample(model, prompts, seeds), prompts)
     drops = {attr: 100 * (base_scores[attr] - after[attr]) for attr in after if base_scores.get(attr) is not None}
@@ -234,13 +259,15 @@ def _pct(cell):
 
 
 def print_table(report):
+    print("\nautoencoder ceiling (own images that read as the concept after encode + decode): " +
+          ", ".join(f"{concept} {_pct(cell)}" for concept, cell in report["autoencoder_ceiling"].items()))
     print(f"\n{'method':<18}{'what is measured':<52}{'result':>10}{'train':>10}")
     for method, res in report["methods"].items():
         seconds = sum(s for _, s in res.get("training", [])) if res.get("training") else None
         wall = "-" if seconds is None else f"{seconds / 60:.1f} min"
         if method == "textual_inversion":
-            rows = [("'cyan' draws cyan", _pct(res["new_colour"])),
-                    ("... and the prompt's shape", _pct(res["new_colour_and_shape"]))]
+            rows = [("'a zwx ...' shows the object", _pct(res["object"])),
+                    ("... without the embedding", _pct(res["object_without_embedding"]))]
         elif method in ("lora", "hypernetwork"):
             rows = [("outlines at weight 1", _pct(res["outline_at_1"])),
                     ("outlines in the base model's images", _pct(res["outline_in_base"])),
@@ -275,11 +302,11 @@ def _main(argv):
     base_scores = base_fidelity(base_images, prompts)
     report = {"command": shlex.join(["python", "bench/personalise.py", *argv]), "model": model_record(config, ckpt),
               "settings": {"prompts": len(prompts), "seeds": args.seeds, "threads": torch.get_num_threads()},
-              "base_fidelity": base_scores, "methods": {}}
+              "base_fidelity": base_scores, "autoencoder_ceiling": autoencoder_ceiling(model), "methods": {}}
     for method in args.methods:
         folder = folders[method]
         if method == "textual_inversion":
-            res = measure_textual_inversion(model, folder, prompts, args.seeds)
+            res = measure_textual_inversion(model, folder)
         elif method == "dreambooth":
             res = measure_dreambooth(folder, config, prompts, args.seeds, base_scores)
         else:

@@ -9,7 +9,9 @@ Three concepts, each drawn by :class:`ShapesConcept` and read back from pixels h
   or a hypernetwork adds to every prompt;
 - ``instance``: one particular shape (fixed colour, shape and size, :data:`INSTANCE`) in random
   positions on random backgrounds, captioned "a sks triangle ...": the DreamBooth subject, whose
-  class ("triangle") the base model already draws.
+  class ("triangle") the base model already draws;
+- ``object``: the same instance captioned by its trigger word alone ("a zwx on the left"): what a
+  textual-inversion embedding of an object learns (colour, shape and size in one new word).
 
 The readers use :func:`ldm.data.shapes_describe.measure` and only widen its palette or look at the
 shape's inside, so :func:`describe` itself and the fidelity numbers stay as they are.
@@ -43,7 +45,7 @@ OUTLINE_WIDTH = 0.03
 # the area it encloses (dataset images: filled shapes 0, outlines 0.19 to 0.77).
 OUTLINE_HOLE_SHARE = 0.1
 INSTANCE = {"colour": "orange", "shape": "triangle", "size": "large"}
-CONCEPTS = ("colour", "outline", "instance")
+CONCEPTS = ("colour", "outline", "instance", "object")
 
 
 def _caption_with_word(attributes, rng, word):
@@ -58,8 +60,9 @@ class ShapesConcept(torch.utils.data.Dataset):
     module doc), drawn from the index like :class:`ldm.data.shapes.ShapesDataset`.
 
     ``word``: the trigger word in captions (``colour``: the colour's place, default "cyan";
-    ``instance``: before the class noun, default "sks"; ``outline`` captions have none unless given,
-    then it is appended as ", <word>"). ``colour_rgb`` overrides the concept colour.
+    ``instance``: before the class noun, default "sks"; ``object``: in the noun's place, default "zwx";
+    ``outline`` captions have none unless given, then it is appended as ", <word>"). ``colour_rgb``
+    overrides the concept colour.
     """
 
     def __init__(self, concept="colour", word=None, length=32, size=64, seed=0, colour_rgb=None,
@@ -70,7 +73,7 @@ class ShapesConcept(torch.utils.data.Dataset):
             raise UserError(f"shapes concept dataset length must be positive, got {length}")
         _check_size(size)
         self.concept = concept
-        self.word = word if word is not None else {"colour": "cyan", "instance": "sks", "outline": ""}[concept]
+        self.word = word if word is not None else {"colour": "cyan", "instance": "sks", "object": "zwx", "outline": ""}[concept]
         self.colour_rgb = tuple(colour_rgb) if colour_rgb is not None else CONCEPT_COLOUR_RGB["cyan"]
         self.length, self.size, self.seed = int(length), int(size), int(seed)
         self.image_key, self.caption_key = image_key, caption_key
@@ -93,7 +96,7 @@ class ShapesConcept(torch.utils.data.Dataset):
         else:
             attributes.update(INSTANCE)
             colour = attributes["colour"]
-            caption = f"a {self.word} {INSTANCE['shape']}"
+            caption = f"a {self.word} {INSTANCE['shape']}" if self.concept == "instance" else f"a {self.word}"
             for key, phrase in (("position", POSITION_PHRASES[attributes["position"]]),
                                 ("background", f"on a {attributes['background']} background")):
                 if rng.random() < 0.5:

@@ -48,6 +48,16 @@ def test_instance_is_one_shape_in_many_places():
     assert len(places) > 5
 
 
+def test_object_is_the_instance_named_by_its_word_alone():
+    instance, obj = ShapesConcept("instance", length=12), ShapesConcept("object", length=12)
+    for i in range(12):
+        attributes, image, caption = obj.example(i)
+        assert caption.startswith("a zwx") and INSTANCE["shape"] not in caption
+        assert reads_as_instance(image, {"position": attributes["position"], "background": attributes["background"]})
+    # its own images, not the instance concept's
+    assert any(obj.example(i)[0] != instance.example(i)[0] for i in range(12))
+
+
 def test_instance_reader_refuses_other_shapes():
     _, image, _ = ShapesTrain(length=50).example(0)
     seen = describe(image)

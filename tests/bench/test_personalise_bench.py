@@ -1,0 +1,55 @@
+"""bench/personalise.py: the parts that need no training. The autoencoder ceiling on the shipped model (what
+any U-Net-side method can reach per concept), the trigger-word prompts, and a bad --run refused."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldm.data.shapes import parse_prompt
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+SHIPPED = REPO / "models" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_personalise", BENCH / "personalise.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.skipif(not (SHIPPED / "shapes-ldm.safetensors").exists(), reason="shipped model not in this checkout")
+def test_shipped_autoencoder_keeps_outlines_and_the_object_but_not_a_new_colour(bench):
+    from ldm.checkpoint import load_model
+    model = load_model(SHIPPED / "shapes-ldm.yaml", SHIPPED / "shapes-ldm.safetensors", device="cpu")
+    ceiling = bench.autoencoder_ceiling(model, n=24)
+    assert {concept: cell["n"] for concept, cell in ceiling.items()} == {"colour": 24, "outline": 24, "object": 24}
+    # it decodes cyan shapes as green: no prompt vector, LoRA or hypernetwork can draw cyan on this model
+    assert ceiling["colour"]["rate"] == 0.0
+    assert ceiling["object"]["rate"] == 1.0
+    assert ceiling["outline"]["rate"] >= 0.8
+
+
+def test_trigger_word_prompts_name_every_place_and_background(bench):
+    named = bench.named_prompts("zwx")
+    assert named[0] == ("a zwx", {})
+    wanted = [w for _, w in named[1:]]
+    assert len(wanted) == len({tuple(sorted(w.items())) for w in wanted}) == 15
+    for prompt, w in named[1:]:
+        assert prompt.startswith("a zwx ")
+        read = parse_prompt(prompt.replace("zwx", "red circle"))
+        assert (read["position"], read["background"]) == (w["position"], w["background"])
+
+
+def test_run_of_an_unknown_method_is_refused_in_one_line(bench, tmp_path, capsys):
+    assert bench.main(["--run", f"dreamboth={tmp_path}", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "METHOD=RUN_DIR" in err[0]
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,47 @@
+"""The committed personalisation configs (configs/personalise/shapes-*.yaml) build on the shipped model: their
+model and dataset instantiate, the adapter is the only thing that trains, and the captions carry what the
+adapter learns (the README recipes run these files as they are)."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIGS = REPO / "configs" / "personalise"
+SHIPPED = REPO / "models" / "shapes" / "shapes-ldm.safetensors"
+
+pytestmark = pytest.mark.skipif(not SHIPPED.exists(), reason="shipped model not in this checkout")
+
+
+def _built(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # base_config / base_ckpt are repository paths
+    config = OmegaConf.load(CONFIGS / name)
+    return config, instantiate_from_config(config.model), instantiate_from_config(config.data.params.train)
+
+
+@pytest.mark.parametrize("name", ["shapes-textual-inversion.yaml", "shapes-lora.yaml", "shapes-hypernetwork.yaml"])
+def test_adapter_config_builds_and_trains_only_its_adapter(name, monkeypatch):
+    config, model, data = _built(name, monkeypatch)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    adapter = {id(p) for p in model.adapter_parameters()}
+    assert adapter and trainable == adapter
+    assert not any(p.requires_grad for p in model.base.parameters())
+    item = data[0]
+    assert item["image"].shape == (64, 64, 3) and isinstance(item["caption"], str)
+    assert config.lightning.trainer.max_steps > 0
+
+
+def test_textual_inversion_config_teaches_a_new_word_for_the_object(monkeypatch):
+    config, model, data = _built("shapes-textual-inversion.yaml", monkeypatch)
+    word = config.model.params.token
+    assert data.concept == "object" and data.word == word
+    assert all(data[i]["caption"].split()[1] == word for i in range(8))
+    # the vectors start from another shape's word, not from the answer
+    assert config.model.params.init_word not in ("orange", "triangle", "large")
+    assert model.vectors.shape[0] == config.model.params.n_vectors
+    with torch.no_grad(), model.attached():
+        cond = model.base.get_learned_conditioning([f"a {word}", "a circle"])
+    assert torch.isfinite(cond).all()
