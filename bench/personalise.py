@@ -6,8 +6,11 @@ For each method the training (every command, timed) teaches the model something 
 - textual inversion: a new word "zwx" for one object (a large orange triangle: colour, shape and size in
   one word); share of "a zwx ..." samples that show it where and on what the prompt says, with and
   without the embedding;
-- LoRA and hypernetwork: shapes drawn as outlines, for ordinary prompts; share of outlines at weight 1, and
-  whether weight 0 gives the base model's images exactly;
+- LoRA and hypernetwork: the concept of the run's config, a new shape "star" (large five-pointed stars,
+  ordinary captions with "star" for the shape: share of "a ... star ..." samples that read as a star, and
+  with the colour asked for) or shapes drawn as outlines (share of outlines for ordinary prompts), at
+  weight 1, the same with the base model, and whether weight 0 gives the base model's images exactly;
+  the base fidelity at weight 1 (what the adapter costs the shapes the model already draws);
 - DreamBooth: "sks" bound to one instance (a large orange triangle), with prior preservation; share of
   "a sks triangle ..." samples that show it where and on what the prompt says, and the base fidelity
   (``bench/shapes_fidelity.py``'s per-attribute scores) before and after.
@@ -34,6 +37,7 @@ from shapes_fidelity import model_record, read_single, score
 from ldm.cli import ArgumentParser, run
 from ldm.data.shapes import (
     BACKGROUNDS,
+    COLOURS,
     HELD_OUT_PAIRS,
     POSITION_PHRASES,
     POSITIONS,
@@ -44,6 +48,7 @@ from ldm.data.shapes_concepts import (
     ShapesConcept,
     concept_colour,
     is_outline,
+    read_shape,
     reads_as_instance,
 )
 from ldm.errors import UserError
@@ -190,7 +195,8 @@ def autoencoder_ceiling(model, n=CEILING_IMAGES):
     """Per concept, the share of its own images that read as the concept after encoding and decoding with
     the model's autoencoder (latent mode, no sampling noise)."""
     readers = {"colour": lambda im, _: concept_colour(im) == "cyan", "outline": lambda im, _: bool(is_outline(im)),
-               "object": lambda im, a: reads_as_instance(im, {k: a[k] for k in ("position", "background")})}
+               "object": lambda im, a: reads_as_instance(im, {k: a[k] for k in ("position", "background")}),
+               "star": lambda im, a: read_shape(im) == "star" and concept_colour(im) == a["colour"]}
     ceiling = {}
     for concept, reads in readers.items():
         data = ShapesConcept(concept, length=n)
@@ -203,8 +209,32 @@ def autoencoder_ceiling(model, n=CEILING_IMAGES):
     return ceiling
 
 
+def trained_concept(folder):
+    """The ``ShapesConcept`` concept a main.py run folder trained on (from its saved project config)."""
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(_only(Path(folder) / "configs", "*-project.yaml", "project config"))
+    return OmegaConf.select(config, "data.params.train.params.concept")
+
+
+def star_prompts():
+    """``(prompt, colour or None)``: "a large <colour> star <position> on a <background> background" for
+    every colour and position (backgrounds in turn), "a <colour> star" and "a star"."""
+    named = [("a star", None)] + [(f"a {colour} star", colour) for colour in COLOURS]
+    for i, (colour, position) in enumerate((c, p) for c in COLOURS for p in POSITIONS):
+        background = BACKGROUNDS[i % len(BACKGROUNDS)]
+        named.append((f"a large {colour} star {POSITION_PHRASES[position]} on a {background} background", colour))
+    return named
+
+
+def _star_rates(images, named):
+    shapes = [(read_shape(im), concept_colour(im), colour) for seed in images for (_, colour), im in zip(named, images[seed])]
+    return {"star": _rate(shape == "star" for shape, _, _ in shapes),
+            "star_in_colour": _rate(shape == "star" and seen == colour for shape, seen, colour in shapes if colour)}
+
+
 def measure_style(model, folder, prompts, seeds, base_images, method):
-    """Outline share at weight 1 and exactness at weight 0, for a LoRA or a hypernetwork."""
+    """For a LoRA or a hypernetwork: its concept (star or outline) at weight 1 and in the base model,
+    exactness at weight 0, and the base fidelity at weight 1."""
     if method == "lora":
         from ldm.modules.lora.apply import LoraMerger, lora_use
         merger = LoraMerger(model)
@@ -219,15 +249,31 @@ def measure_style(model, folder, prompts, seeds, base_images, method):
 
         def applied(weight):
             return hooks.applied([(adapter, weight)])
+    concept = trained_concept(folder)
+    if concept not in ("star", "outline"):
+        raise UserError(f"{folder} trained the {concept!r} concept; the style bench reads 'star' or 'outline'")
+    result = {"concept": concept}
+    if concept == "star":
+        named = star_prompts()
+        concept_prompts = [p for p, _ in named]
+        concept_base = _sample(model, concept_prompts, seeds)
+        result["prompt_example"] = concept_prompts[-1]
     with applied(0.0):
         zero = _sample(model, prompts, seeds)
+        zero_concept = _sample(model, concept_prompts, seeds) if concept == "star" else None
     with applied(1.0):
         one = _sample(model, prompts, seeds)
-    outlines = [is_outline(im) for seed in one for im in one[seed]]
-    return {"outline_at_1": _rate(bool(o) for o in outlines),
-            "outline_in_base": _rate(bool(is_outline(im)) for seed in base_images for im in base_images[seed]),
-            "weight_0_equals_base": _same_images(zero, base_images),
-            "fidelity_at_1": base_fidelity(one, prompts)}
+        one_concept = _sample(model, concept_prompts, seeds) if concept == "star" else None
+    if concept == "star":
+        result.update({f"{key}_at_1": cell for key, cell in _star_rates(one_concept, named).items()})
+        result.update({f"{key}_in_base": cell for key, cell in _star_rates(concept_base, named).items()})
+        exact = _same_images(zero, base_images) and _same_images(zero_concept, concept_base)
+    else:
+        result["outline_at_1"] = _rate(bool(is_outline(im)) for seed in one for im in one[seed])
+        result["outline_in_base"] = _rate(bool(is_outline(im)) for seed in base_images for im in base_images[seed])
+        exact = _same_images(zero, base_images)
+    result.update(weight_0_equals_base=exact, fidelity_at_1=base_fidelity(one, prompts))
+    return result
 
 
 def named_prompts(words):
@@ -269,9 +315,17 @@ def print_table(report):
             rows = [("'a zwx ...' shows the object", _pct(res["object"])),
                     ("... without the embedding", _pct(res["object_without_embedding"]))]
         elif method in ("lora", "hypernetwork"):
-            rows = [("outlines at weight 1", _pct(res["outline_at_1"])),
-                    ("outlines in the base model's images", _pct(res["outline_in_base"])),
-                    ("weight 0 gives the base images exactly", str(res["weight_0_equals_base"]))]
+            if res["concept"] == "star":
+                rows = [("'a ... star ...' reads as a star at weight 1", _pct(res["star_at_1"])),
+                        ("... and in the colour asked for", _pct(res["star_in_colour_at_1"])),
+                        ("... in the base model's images", _pct(res["star_in_base"]))]
+            else:
+                rows = [("outlines at weight 1", _pct(res["outline_at_1"])),
+                        ("outlines in the base model's images", _pct(res["outline_in_base"]))]
+            drop = max(100 * (report["base_fidelity"][a] - v) for a, v in res["fidelity_at_1"].items()
+                       if v is not None and report["base_fidelity"].get(a) is not None)
+            rows += [("weight 0 gives the base images exactly", str(res["weight_0_equals_base"])),
+                     ("largest drop of a base attribute at 1 (points)", f"{drop:.1f}")]
         else:
             rows = [("'a sks triangle ...' shows the instance", _pct(res["instance"])),
                     ("largest drop of a base attribute (points)", f"{res['largest_drop_points']:.1f}")]

@@ -25,12 +25,20 @@ def missing_indices(folder, count):
     return [i for i in range(count) if not is_written(folder, image_stem(i))]
 
 
-def generate_class_images(model, prompts, folder, count, *, batch_size=4, seed=0, **sampling):
+# Redrawn images take seeds this far apart, beyond any class-image count, so no redraw repeats another image's seed.
+REDRAW_SEED_STRIDE = 1_000_003
+
+
+def generate_class_images(model, prompts, folder, count, *, batch_size=4, seed=0, accept=None, max_redraws=8,
+                          **sampling):
     """Draw ``count`` images with ``model`` into ``folder``: image ``i`` for ``prompts[i % len(prompts)]``
     (one prompt string is a list of one), skipping those already written; returns the new paths.
 
     ``sampling``: :func:`ldm.generate.txt2img`'s keyword arguments (sampler, steps, scale, ...). Each
-    batch is seeded with ``seed`` plus the index of its first image.
+    batch is seeded with ``seed`` plus the index of its first image. ``accept(prompt, image) -> bool``
+    curates, as people weed out class images that do not show their prompt: a refused image is drawn
+    again with another seed, up to ``max_redraws`` times, and then kept (a gap would change the mix of
+    prompts); the log says how many were redrawn and how many kept unaccepted.
     """
     from ldm.generate import txt2img
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -41,15 +49,37 @@ def generate_class_images(model, prompts, folder, count, *, batch_size=4, seed=0
                         f"{batch_size}")
     todo = missing_indices(folder, int(count))
     log.info("class images: %d of %d already in %s, generating %d", count - len(todo), count, folder, len(todo))
-    written = []
+    written, redrawn, kept_refused = [], 0, 0
     for start in range(0, len(todo), batch_size):
-        indices = todo[start:start + batch_size]
-        batch_prompts = [prompts[i % len(prompts)] for i in indices]
-        images = txt2img(model, batch_prompts, n_samples=len(indices), seed=seed + indices[0], progress=False,
-                         **sampling)
-        for index, image, prompt in zip(indices, images, batch_prompts):
-            written.append(write_captioned_image(folder, image_stem(index), image, prompt))
+        pending = todo[start:start + batch_size]
+        for attempt in range(int(max_redraws) + 1):
+            batch_prompts = [prompts[i % len(prompts)] for i in pending]
+            images = txt2img(model, batch_prompts, n_samples=len(pending),
+                             seed=seed + pending[0] + attempt * REDRAW_SEED_STRIDE, progress=False, **sampling)
+            refused = []
+            for index, image, prompt in zip(pending, images, batch_prompts):
+                accepted = accept is None or accept(prompt, image)
+                if accepted or attempt == max_redraws:
+                    kept_refused += not accepted
+                    written.append(write_captioned_image(folder, image_stem(index), image, prompt))
+                else:
+                    refused.append(index)
+            redrawn += len(refused)
+            pending = refused
+            if not pending:
+                break
+    if accept is not None:
+        log.info("class images: %d redrawn, %d kept after %d redraws without being accepted", redrawn,
+                 kept_refused, max_redraws)
     return written
+
+
+def shows_shapes_prompt(prompt, image):
+    """Whether a shapes-model image shows every attribute its prompt names (``ldm.data.shapes.describe``):
+    the ``accept`` of :func:`generate_class_images` for the shipped model."""
+    from ldm.data.shapes import describe, parse_prompt
+    seen = describe(image)
+    return all(seen.get(key) == value for key, value in parse_prompt(prompt).items())
 
 
 def with_shapes_phrases(prompts, count, seed=0):

@@ -33,6 +33,11 @@ def build_parser():
     prompts.add_argument("--from-file", type=str, help="class prompts, one per line, used in turn")
     add("--shapes-phrases", action="store_true",
         help="vary the class prompt with shapes position and background phrases (the shapes model)")
+    add("--shapes-check", action="store_true",
+        help="redraw (up to --max-redraws times) an image that does not show what its prompt names, read by "
+             "ldm.data.shapes.describe: curated class images for the shapes model")
+    add("--max-redraws", type=number_in("--max-redraws", 0, kind=int), default=8,
+        help="with --shapes-check: redraws of one image before it is kept anyway")
     add("--n", type=number_in("--n", 1, kind=int), default=100, help="how many class images the folder should hold")
     add("--outdir", type=str, required=True, help="the class-image folder")
     add("--ckpt", type=str, default=None, help="base model weights (default: the shipped model)")
@@ -70,7 +75,7 @@ def _main(argv):
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from ldm.checkpoint import load_model
-    from ldm.class_images import generate_class_images
+    from ldm.class_images import generate_class_images, shows_shapes_prompt
     from ldm.config_safety import UntrustedConfigError
     from ldm.models.diffusion.samplers import resolve_sampler
     sampler, schedule = resolve_sampler(args.sampler)
@@ -83,7 +88,9 @@ def _main(argv):
     except UntrustedConfigError as err:
         raise err.advise(TRUST_CONFIG_ADVICE) from None
     written = generate_class_images(model, prompts, args.outdir, args.n, batch_size=args.batch_size,
-                                    seed=args.seed, sampler=sampler, schedule=schedule, steps=steps, scale=scale)
+                                    seed=args.seed, sampler=sampler, schedule=schedule, steps=steps, scale=scale,
+                                    accept=shows_shapes_prompt if args.shapes_check else None,
+                                    max_redraws=args.max_redraws)
     print(f"{len(written)} class images written, {args.n - len(written)} already there, in {args.outdir}/")
     return 0
 

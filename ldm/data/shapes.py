@@ -127,7 +127,12 @@ def caption_for(attributes, rng_or_full=True):
         return _caption(attributes, set(optional))
     if not isinstance(rng_or_full, np.random.Generator):
         raise UserError("caption_for needs rng_or_full=True or a numpy.random.Generator")
-    rng = rng_or_full
+    return _random_caption(attributes, rng_or_full)
+
+
+def _random_caption(attributes, rng):
+    """:func:`caption_for` with a generator, for any shape word (the concept datasets' "star" too)."""
+    optional = [key for key in ("size", "colour", "position", "background") if key in attributes]
     full = rng.random() < 0.3
     keep = rng.random(len(optional)) < 0.5
     return _caption(attributes, {key for key, k in zip(optional, keep) if full or k})

@@ -1,20 +1,22 @@
 """What the shipped shapes model has never seen, for the personalisation proofs (issue 11).
 
-Three concepts, each drawn by :class:`ShapesConcept` and read back from pixels here:
+Five concepts, each drawn by :class:`ShapesConcept` and read back from pixels here:
 
 - ``colour``: shapes in a colour outside the six of the vocabulary ("cyan", :data:`CONCEPT_COLOUR_RGB`),
   captioned with a trigger word in the colour's place ("a large cyan circle on the left"): what a
   textual-inversion embedding learns;
 - ``outline``: the ordinary captions, but every shape drawn as an outline only: a style that a LoRA
   or a hypernetwork adds to every prompt;
+- ``star``: a new shape, a large five-pointed star, with the ordinary captions' other words ("a large
+  red star on the left"): a shape a LoRA or a hypernetwork adds to the model's vocabulary;
 - ``instance``: one particular shape (fixed colour, shape and size, :data:`INSTANCE`) in random
   positions on random backgrounds, captioned "a sks triangle ...": the DreamBooth subject, whose
   class ("triangle") the base model already draws;
 - ``object``: the same instance captioned by its trigger word alone ("a zwx on the left"): what a
   textual-inversion embedding of an object learns (colour, shape and size in one new word).
 
-The readers use :func:`ldm.data.shapes_describe.measure` and only widen its palette or look at the
-shape's inside, so :func:`describe` itself and the fidelity numbers stay as they are.
+The readers use :func:`ldm.data.shapes_describe.measure` and only widen its palette or its shapes or look
+at the shape's inside, so :func:`describe` itself and the fidelity numbers stay as they are.
 """
 import numpy as np
 import torch
@@ -23,11 +25,14 @@ from ldm.data.shapes import (
     POSITION_PHRASES,
     _caption,
     _check_size,
+    _random_caption,
     caption_for,
     sample_attributes,
     shape_geometry,
 )
 from ldm.data.shapes_describe import (
+    EXTRA_FILL,
+    IDEAL_FILL,
     _border_colour,
     _nearest,
     _shape_mask,
@@ -45,7 +50,7 @@ OUTLINE_WIDTH = 0.03
 # the area it encloses (dataset images: filled shapes 0, outlines 0.19 to 0.77).
 OUTLINE_HOLE_SHARE = 0.1
 INSTANCE = {"colour": "orange", "shape": "triangle", "size": "large"}
-CONCEPTS = ("colour", "outline", "instance", "object")
+CONCEPTS = ("colour", "outline", "instance", "object", "star")
 
 
 def _caption_with_word(attributes, rng, word):
@@ -61,7 +66,8 @@ class ShapesConcept(torch.utils.data.Dataset):
 
     ``word``: the trigger word in captions (``colour``: the colour's place, default "cyan";
     ``instance``: before the class noun, default "sks"; ``object``: in the noun's place, default "zwx";
-    ``outline`` captions have none unless given, then it is appended as ", <word>"). ``colour_rgb``
+    ``star``: the shape's name, default "star"; ``outline`` captions have none unless given, then it is
+    appended as ", <word>"). ``colour_rgb``
     overrides the concept colour.
     """
 
@@ -73,7 +79,8 @@ class ShapesConcept(torch.utils.data.Dataset):
             raise UserError(f"shapes concept dataset length must be positive, got {length}")
         _check_size(size)
         self.concept = concept
-        self.word = word if word is not None else {"colour": "cyan", "instance": "sks", "object": "zwx", "outline": ""}[concept]
+        self.word = word if word is not None else {"colour": "cyan", "instance": "sks", "object": "zwx", "star": "star",
+                                                  "outline": ""}[concept]
         self.colour_rgb = tuple(colour_rgb) if colour_rgb is not None else CONCEPT_COLOUR_RGB["cyan"]
         self.length, self.size, self.seed = int(length), int(size), int(seed)
         self.image_key, self.caption_key = image_key, caption_key
@@ -93,6 +100,13 @@ class ShapesConcept(torch.utils.data.Dataset):
             colour, outline = attributes["colour"], OUTLINE_WIDTH
             caption = caption_for(attributes, rng)
             caption = f"{caption}, {self.word}" if self.word else caption
+        elif self.concept == "star":
+            # Large only: a small star is 3 latent pixels wide, which the autoencoder rounds off into a
+            # blob (bench/personalise.py measures this ceiling).
+            attributes["size"] = "large"
+            colour = attributes["colour"]
+            caption = _random_caption({**attributes, "shape": self.word}, rng)
+            attributes["shape"] = "star"
         else:
             attributes.update(INSTANCE)
             colour = attributes["colour"]
@@ -157,6 +171,13 @@ def is_outline(image):
     return None if share is None else share >= OUTLINE_HOLE_SHARE
 
 
+def read_shape(image, shapes=(*IDEAL_FILL, *EXTRA_FILL)):
+    """Best-fitting of ``shapes`` (by default the vocabulary's and the star) for the shape in ``image``,
+    as :func:`ldm.data.shapes.describe` fits its three; ``None`` when no shape stands out."""
+    misfit = measure(image, shapes=shapes).get("misfit")
+    return None if misfit is None else min(misfit, key=misfit.get)
+
+
 def reads_as_instance(image, attributes=None):
     """Whether ``image`` shows :data:`INSTANCE` (colour, shape, size) and, for the keys of
     ``attributes`` given (e.g. position, background), those too."""
@@ -175,5 +196,6 @@ __all__ = [
     "concept_colour",
     "is_outline",
     "outline_share",
+    "read_shape",
     "reads_as_instance",
 ]

@@ -22,7 +22,14 @@ from collections import deque
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ldm.data.shapes_vocabulary import BACKGROUND_RGB, COLOUR_RGB, EXTENT_RANGE, shape_reach
+from ldm.data.shapes_vocabulary import (
+    BACKGROUND_RGB,
+    COLOUR_RGB,
+    EXTENT_RANGE,
+    STAR_INNER_RATIO,
+    shape_reach,
+    star_radius,
+)
 from ldm.errors import UserError
 
 SIDE = 64
@@ -32,6 +39,10 @@ BORDER = 2
 SEED_DISTANCE = 0.2
 MIN_SHAPE_PIXELS = 12
 IDEAL_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+# Shapes outside the vocabulary that a reader may ask :func:`measure` to fit as well (describe never
+# does): area over the squared bounding-box width, as above. A star's is 10 triangles between its centre
+# and two neighbouring corners, over its width squared.
+EXTRA_FILL = {"star": 5 * STAR_INNER_RATIO * np.sin(np.pi / 5) * star_radius(1.0) ** 2}
 # Coverage is estimated this many pixels beyond the hard mask (antialiased and blurred edges).
 ROI_MARGIN = 2
 TEMPLATE_SUBSAMPLE = 4
@@ -159,7 +170,7 @@ def drawn_pixels(image):
 
 def _coverage(shape, cx, cy, area):
     """Fraction of each pixel an ideal shape of this centroid and area covers (pixel units)."""
-    left, right, up, down = shape_reach(shape, np.sqrt(area / IDEAL_FILL[shape]))
+    left, right, up, down = shape_reach(shape, np.sqrt(area / {**IDEAL_FILL, **EXTRA_FILL}[shape]))
     steps = (np.arange(SIDE * TEMPLATE_SUBSAMPLE) + 0.5) / TEMPLATE_SUBSAMPLE
     dx = steps[None, :] - cx  # (1, W*s)
     dy = steps[:, None] - cy  # (H*s, 1)
@@ -167,6 +178,15 @@ def _coverage(shape, cx, cy, area):
         inside = dx**2 + dy**2 <= left**2
     elif shape == "square":
         inside = (-left <= dx) & (dx <= right) & (-up <= dy) & (dy <= down)
+    elif shape == "star":
+        # Folded by its symmetry onto one half point: angle 0 at an outer corner (radius `up`), pi/5 at
+        # the next inner one; inside when nearer the centre than the edge between them on that ray.
+        half_point = np.pi / 5
+        angle = np.mod(np.arctan2(dx, -dy), 2 * half_point)
+        angle = np.minimum(angle, 2 * half_point - angle)
+        outer, inner = up, up * STAR_INNER_RATIO
+        edge = outer * inner * np.sin(half_point) / (outer * np.sin(angle) + inner * np.sin(half_point - angle))
+        inside = dx**2 + dy**2 <= edge**2
     else:
         # Apex up: the half-width grows linearly from 0 at the apex to `left` at the base.
         depth = dy + up
@@ -197,13 +217,14 @@ def _misfit(coverage, shape, cx, cy, area):
                for sigma in TEMPLATE_BLURS)
 
 
-def measure(image):
+def measure(image, shapes=tuple(IDEAL_FILL)):
     """The raw statistics :func:`describe` classifies (handy for thresholds and debugging).
 
     Beyond the hard mask, each pixel near the shape gets a coverage estimate: its projection onto
     the background->shape colour line (not clipped, so noise averages out of sums). Area and
     centroid are sums over it, and ``misfit[shape]`` is the L1 distance, relative to the area,
-    between it and the ideal shape of the same centroid and area.
+    between it and the ideal shape of the same centroid and area, for each of ``shapes`` (the vocabulary's,
+    or also those of :data:`EXTRA_FILL`).
     """
     pil = _to_pil(image)
     rgb = np.asarray(pil, dtype=np.float32) / 255
@@ -230,7 +251,7 @@ def measure(image):
         shape_rgb=shape_rgb,
         area=area / SIDE**2,
         centroid=(cx / SIDE, cy / SIDE),
-        misfit={shape: _misfit(coverage, shape, cx, cy, area) for shape in IDEAL_FILL},
+        misfit={shape: _misfit(coverage, shape, cx, cy, area) for shape in shapes},
     )
     return stats
 

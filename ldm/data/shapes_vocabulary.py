@@ -6,6 +6,8 @@ them from pixels (:mod:`ldm.data.shapes_describe`); both import this module and 
 Geometry is in fractions of the image side. :func:`draw_shapes` is the one drawing routine of the
 one- and two-shape scenes.
 """
+import math
+
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
@@ -32,6 +34,14 @@ BACKGROUND_RGB = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 12
 # Bounding-box extent ranges per size category; the gap between them keeps size unambiguous.
 EXTENT_RANGE = {"small": (0.18, 0.26), "large": (0.38, 0.46)}
 
+# A five-pointed star, point up, is not in the vocabulary: the shape the shipped model has never drawn
+# (ldm.data.shapes_concepts, concept "star"). Its inner corners sit at this share of the outer radius
+# (0.38 would be the pentagram's; fatter points survive the 4x-downsampling autoencoder better).
+STAR_INNER_RATIO = 0.5
+# Bounding box of a star of outer radius 1: 2 sin 72 wide, 1 + cos 36 high.
+_STAR_WIDTH = 2 * math.sin(math.radians(72))
+_STAR_BELOW_CENTRE = math.cos(math.radians(36))
+
 
 def shape_reach(shape, extent):
     """Distance from the centroid to the bounding box: (left, right, up, down)."""
@@ -39,7 +49,26 @@ def shape_reach(shape, extent):
     if shape == "triangle":
         # Apex up: the centroid sits 2/3 of the height below the apex.
         return half, half, 2 * extent / 3, extent / 3
+    if shape == "star":
+        # Five-fold symmetric: the centroid is the centre of its points' circle. ``extent`` is the width.
+        radius = star_radius(extent)
+        return half, half, radius, radius * _STAR_BELOW_CENTRE
     return half, half, half, half
+
+
+def star_radius(extent):
+    """Outer radius of a star whose bounding box is ``extent`` wide."""
+    return extent / _STAR_WIDTH
+
+
+def star_corners(cx, cy, radius):
+    """The ten corners of a point-up star centred at ``(cx, cy)``, outer and inner in turn (y down)."""
+    corners = []
+    for k in range(10):
+        angle = math.radians(36 * k)
+        r = radius if k % 2 == 0 else radius * STAR_INNER_RATIO
+        corners.append((cx + r * math.sin(angle), cy - r * math.cos(angle)))
+    return corners
 
 
 # Shapes are drawn this many times larger and box-downsampled: antialiased edges.
@@ -64,6 +93,8 @@ def draw_shapes(size, background, shapes, outline=None):
             pen.ellipse([x - left, y - up, x + right, y + down], **paint)
         elif shape == "square":
             pen.rectangle([x - left, y - up, x + right, y + down], **paint)
+        elif shape == "star":
+            pen.polygon(star_corners(x, y, up), **paint)
         else:
             pen.polygon([(x, y - up), (x + right, y + down), (x - left, y + down)], **paint)
     return canvas.reduce(SUPERSAMPLE)

@@ -26,14 +26,16 @@ def bench():
 
 
 @pytest.mark.skipif(not (SHIPPED / "shapes-ldm.safetensors").exists(), reason="shipped model not in this checkout")
-def test_shipped_autoencoder_keeps_outlines_and_the_object_but_not_a_new_colour(bench):
+def test_shipped_autoencoder_keeps_outlines_stars_and_the_object_but_not_a_new_colour(bench):
     from ldm.checkpoint import load_model
     model = load_model(SHIPPED / "shapes-ldm.yaml", SHIPPED / "shapes-ldm.safetensors", device="cpu")
     ceiling = bench.autoencoder_ceiling(model, n=24)
-    assert {concept: cell["n"] for concept, cell in ceiling.items()} == {"colour": 24, "outline": 24, "object": 24}
+    assert {concept: cell["n"] for concept, cell in ceiling.items()} == {"colour": 24, "outline": 24, "object": 24,
+                                                                          "star": 24}
     # it decodes cyan shapes as green: no prompt vector, LoRA or hypernetwork can draw cyan on this model
     assert ceiling["colour"]["rate"] == 0.0
     assert ceiling["object"]["rate"] == 1.0
+    assert ceiling["star"]["rate"] == 1.0
     assert ceiling["outline"]["rate"] >= 0.8
 
 
@@ -46,6 +48,22 @@ def test_trigger_word_prompts_name_every_place_and_background(bench):
         assert prompt.startswith("a zwx ")
         read = parse_prompt(prompt.replace("zwx", "red circle"))
         assert (read["position"], read["background"]) == (w["position"], w["background"])
+
+
+def test_star_prompts_ask_for_a_star_in_every_colour_and_place(bench):
+    named = bench.star_prompts()
+    assert named[0] == ("a star", None)
+    assert len(named) == len({p for p, _ in named}) == 1 + 6 + 30
+    for prompt, colour in named[1:]:
+        read = parse_prompt(prompt.replace("star", "circle"))
+        assert "star" in prompt.split() and read["colour"] == colour and read.get("size") in (None, "large")
+
+
+def test_concept_is_read_from_the_run_folders_project_config(bench, tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "2026-12-03T05-00-00-project.yaml").write_text(
+        "data:\n  params:\n    train:\n      params:\n        concept: star\n")
+    assert bench.trained_concept(tmp_path) == "star"
 
 
 def test_run_of_an_unknown_method_is_refused_in_one_line(bench, tmp_path, capsys):

@@ -9,6 +9,7 @@ from ldm.data.shapes_concepts import (
     concept_colour,
     is_outline,
     outline_share,
+    read_shape,
     reads_as_instance,
 )
 from ldm.errors import UserError
@@ -46,6 +47,22 @@ def test_instance_is_one_shape_in_many_places():
         assert reads_as_instance(image, {"position": attributes["position"], "background": attributes["background"]})
         places.add((attributes["position"], attributes["background"]))
     assert len(places) > 5
+
+
+def test_stars_read_as_stars_and_the_vocabulary_shapes_as_themselves():
+    stars = ShapesConcept("star", length=60)
+    for i in range(60):
+        attributes, image, caption = stars.example(i)
+        seen = describe(image)
+        assert read_shape(image) == "star", caption
+        assert "star" in caption.split() and attributes["shape"] == "star"
+        # colour, size and position are read as for any shape: the star only adds a template
+        assert concept_colour(image) == attributes["colour"]
+        assert seen["position"] == attributes["position"]
+    shapes = ShapesTrain(length=80)
+    for i in range(80):
+        attributes, image, _ = shapes.example(i)
+        assert read_shape(image) == attributes["shape"]
 
 
 def test_object_is_the_instance_named_by_its_word_alone():

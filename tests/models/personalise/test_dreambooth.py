@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main as train_main
-from ldm.class_images import generate_class_images, with_shapes_phrases
+from ldm.class_images import generate_class_images, shows_shapes_prompt, with_shapes_phrases
 from ldm.data.captioned_folder import write_dataset_items
 from ldm.data.prior_preservation import (
     LOSS_WEIGHT_KEY,
@@ -183,6 +184,36 @@ def test_class_image_script_skips_images_already_there(scripts, tiny_files, tmp_
     assert (out / "00000.png").stat().st_mtime_ns == kept
     assert (out / "00001.txt").is_file() and (out / "00003.txt").is_file()
     assert script.main(["--outdir", str(out)]) == 2   # no class prompt
+
+
+def test_refused_class_images_are_redrawn_with_new_seeds_then_kept(models, tmp_path):
+    def draw(folder, accept=None, max_redraws=8):
+        paths = generate_class_images(models.base, "a triangle", folder, 3, batch_size=2, steps=2, accept=accept,
+                                      max_redraws=max_redraws)
+        return [np.asarray(Image.open(p)) for p in sorted(paths)]
+
+    plain = draw(tmp_path / "plain")
+    seen = []
+
+    def refuse_first_sight(prompt, image):
+        seen.append(np.asarray(image))
+        return any(np.array_equal(seen[-1], p) for p in plain) is False
+
+    curated = draw(tmp_path / "curated", refuse_first_sight)
+    assert len(seen) == 6   # each image refused once, accepted on its first redraw
+    assert not any(np.array_equal(c, p) for c in curated for p in plain)
+    calls = []
+    kept = draw(tmp_path / "never", lambda prompt, image: calls.append(prompt) and False, max_redraws=2)
+    assert len(kept) == 3 and len(calls) == 3 * 3   # refused every time: kept after the last redraw
+
+
+def test_shapes_check_accepts_what_the_prompt_names():
+    from ldm.data.shapes import render
+    image = render({"shape": "circle", "colour": "red", "background": "white", "size": "large", "position": "left"})
+    assert shows_shapes_prompt("a large red circle on the left", image)
+    assert shows_shapes_prompt("a circle", image)
+    assert not shows_shapes_prompt("a blue circle", image)
+    assert not shows_shapes_prompt("a red circle on the right on a black background", image)
 
 
 def test_shapes_phrases_vary_position_and_background():
