@@ -8,7 +8,11 @@ import torch
 from PIL import Image
 
 import main as train_main
-from ldm.class_images import generate_class_images, shows_shapes_prompt, with_shapes_phrases
+from ldm.class_images import (
+    generate_class_images,
+    shows_shapes_prompt,
+    with_shapes_phrases,
+)
 from ldm.data.captioned_folder import write_dataset_items
 from ldm.data.prior_preservation import (
     LOSS_WEIGHT_KEY,

@@ -49,7 +49,7 @@ def test_textual_inversion_config_teaches_a_new_word_for_the_object(monkeypatch)
 
 def test_lora_config_teaches_the_star_shape_on_res_blocks_too(monkeypatch):
     from ldm.data.shapes_concepts import read_shape
-    config, model, data = _built("shapes-lora.yaml", monkeypatch)
+    config, _, data = _built("shapes-lora.yaml", monkeypatch)
     assert data.concept == "star" and config.model.params.name == "star"
     for i in range(8):
         _, image, caption = data.example(i)
