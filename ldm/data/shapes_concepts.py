@@ -67,8 +67,7 @@ class ShapesConcept(torch.utils.data.Dataset):
     ``word``: the trigger word in captions (``colour``: the colour's place, default "cyan";
     ``instance``: before the class noun, default "sks"; ``object``: in the noun's place, default "zwx";
     ``star``: the shape's name, default "star"; ``outline`` captions have none unless given, then it is
-    appended as ", <word>"). ``colour_rgb``
-    overrides the concept colour.
+    appended as ", <word>"). ``colour_rgb`` overrides the concept colour.
     """
 
     def __init__(self, concept="colour", word=None, length=32, size=64, seed=0, colour_rgb=None,

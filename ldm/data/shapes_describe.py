@@ -43,6 +43,7 @@ IDEAL_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 # does): area over the squared bounding-box width, as above. A star's is 10 triangles between its centre
 # and two neighbouring corners, over its width squared.
 EXTRA_FILL = {"star": 5 * STAR_INNER_RATIO * np.sin(np.pi / 5) * star_radius(1.0) ** 2}
+_ANY_FILL = {**IDEAL_FILL, **EXTRA_FILL}
 # Coverage is estimated this many pixels beyond the hard mask (antialiased and blurred edges).
 ROI_MARGIN = 2
 TEMPLATE_SUBSAMPLE = 4
@@ -170,7 +171,7 @@ def drawn_pixels(image):
 
 def _coverage(shape, cx, cy, area):
     """Fraction of each pixel an ideal shape of this centroid and area covers (pixel units)."""
-    left, right, up, down = shape_reach(shape, np.sqrt(area / {**IDEAL_FILL, **EXTRA_FILL}[shape]))
+    left, right, up, down = shape_reach(shape, np.sqrt(area / _ANY_FILL[shape]))
     steps = (np.arange(SIDE * TEMPLATE_SUBSAMPLE) + 0.5) / TEMPLATE_SUBSAMPLE
     dx = steps[None, :] - cx  # (1, W*s)
     dy = steps[:, None] - cy  # (H*s, 1)
