@@ -10,6 +10,8 @@ from ldm.errors import UserError
 from ldm.models.diffusion.samplers import (AUTOMATIC, DISPLAY_NAMES, SAMPLERS, SCHEDULE_LABELS, check_eta,
                                           resolve_sampler, resolve_schedule, sampler_label, schedule_for)
 
+log = logging.getLogger(__name__)
+
 # the official scripts' flags for two samplers (--sampler names them all)
 SAMPLER_FLAGS = ("plms", "dpm")
 
@@ -377,10 +379,36 @@ def prepare(args, load=None):
         use_embeddings(model, args.embeddings)
     from ldm.cli_extra_networks import take_extra_networks
     prompts = take_extra_networks(args, model, prompts)
+    hold_denoiser_weights_for_autocast(args, model)
     if args.spacing is None:   # recorded as used: a zero-terminal-SNR model samples DDIM/PLMS on trailing steps
         from ldm.generate import Sampling, timestep_spacing
         args.spacing = timestep_spacing(model, Sampling(sampler=args.sampler))
     return model, prompts
+
+
+def hold_denoiser_weights_for_autocast(args, model):
+    """Where the run samples under bfloat16 autocast on the CPU (the default for full-size models on a CPU
+    with native bfloat16), hold the U-Net's convolution and linear weights in bfloat16
+    (``ldm.precision.hold_weights_in``): the same images, and neither the U-Net's float32 weights nor
+    autocast's cached bfloat16 copy of them in memory. Not with ``--int8`` (it quantizes float32 weights),
+    LoRAs (merged into float32 weights) or hypernetworks (float32 context), whose results would round
+    differently."""
+    if getattr(args, "int8", False) or getattr(args, "lora_merger", None) is not None \
+            or getattr(args, "hypernetwork_hooks", None) is not None:
+        return
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if unet is None:
+        return
+    import torch
+
+    from ldm.generate import denoiser_size
+    from ldm.precision import autocast_dtype, hold_weights_in
+    device = next(unet.parameters()).device
+    if device.type != "cpu" or autocast_dtype(device, args.precision, args.bf16,
+                                              parameters=denoiser_size(model)) != torch.bfloat16:
+        return
+    freed = hold_weights_in(unet, torch.bfloat16)
+    log.info("U-Net convolution and linear weights held in bfloat16 for its autocast (%.2f GB less)", freed / 1e9)
 
 
 def generate_and_save(args, generate, saver_class=None, **parameters):

@@ -179,3 +179,26 @@ def autocast_dtype(device, precision="autocast", bf16=False, *, cpu=None, parame
                                   requested_by="bf16", force_hint=f"bf16='{FORCE_BF16}'")
         return chosen.dtype if chosen.dtype != torch.float32 else None
     return None
+
+
+def hold_weights_in(module, dtype):
+    """Store the weights and biases of ``module``'s convolutions and linear layers in ``dtype``; returns
+    how many bytes that freed.
+
+    Under an autocast to ``dtype`` these layers compute bit for bit as before, since autocast casts their
+    float32 weights to ``dtype`` anyway; but it also caches those cast copies for the whole autocast
+    region (a sampling run), a second copy of the weights beside the float32 ones. Holding them in
+    ``dtype`` drops both. One way: the float32 weights are not kept, so only for a model that from then
+    on runs under that autocast (norms, embeddings and the rest stay float32)."""
+    freed = 0
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    for layer in module.modules():
+        if not isinstance(layer, layers):
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(layer, name, None)
+            if param is None or param.dtype == dtype or not param.is_floating_point():
+                continue
+            freed += param.numel() * (param.element_size() - torch.finfo(dtype).bits // 8)
+            setattr(layer, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+    return freed

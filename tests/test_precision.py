@@ -6,6 +6,7 @@ calls that go through the library and the scripts.
 """
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,3 +302,40 @@ def test_bf16_flags_exclude_each_other(scripts, tiny_files, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == \
         "error: argument --force-bf16: not allowed with argument --bf16"
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the U-Net's weights held in bfloat16 for a bfloat16 autocast run
+
+def test_weights_held_in_bfloat16_compute_what_autocast_computed(tiny_files, simulate_cpu):
+    from ldm.precision import hold_weights_in
+    simulate_cpu(AVX2_ONLY)  # "force": emulated or not, the same arithmetic
+    held = load_model(tiny_files.config, tiny_files.ckpt, device="cpu")
+    unet = held.model.diffusion_model
+    float32_bytes = sum(p.numel() * 4 for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                        for p in m.parameters(recurse=False))
+    assert hold_weights_in(unet, torch.bfloat16) == float32_bytes // 2
+    assert unet.input_blocks[0][0].weight.dtype == torch.bfloat16
+    assert unet.out[0].weight.dtype == torch.float32  # norms stay float32
+    plain = load_model(tiny_files.config, tiny_files.ckpt, device="cpu")
+    for model in (held, plain):
+        torch.manual_seed(0)
+        model.images = txt2img(model, ["a red circle", "a blue square"], bf16="force", steps=3, n_samples=2,
+                               progress=False)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(held.images, plain.images))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], (torch.bfloat16, torch.bfloat16)),                        # auto bf16: weights held in bfloat16
+    (["--precision", "full"], (None, torch.float32)),
+    (["--int8"], (torch.bfloat16, torch.float32)),                 # int8 quantizes float32 weights
+])
+def test_txt2img_script_holds_unet_weights_for_bf16_autocast(scripts, tiny_files, tmp_path, simulate_cpu,
+                                                             unet_precision, monkeypatch, flags, expected):
+    simulate_cpu(NATIVE_HALF)
+    monkeypatch.setattr(ldm.precision, "AUTO_BF16_MIN_PARAMETERS", 1)
+    txt2img_script = scripts.load("txt2img")
+    assert txt2img_script.main(["--config", str(tiny_files.config), "--ckpt", str(tiny_files.ckpt),
+                                "--device", "cpu", "--steps", "1", "--n_samples", "1", "--skip_grid",
+                                "--outdir", str(tmp_path / "out"), *flags]) == 0
+    assert unet_precision and set(unet_precision) == {expected}
