@@ -26,7 +26,9 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
     ``max(len(instance), len(prior))`` items, as diffusers pairs them.
 
     ``instance`` and ``prior`` are dataset configs (``target``/``params``) or datasets whose items
-    have the same keys (e.g. two :class:`ldm.data.captioned_folder.CaptionedImageFolder`).
+    have the same keys (e.g. two :class:`ldm.data.captioned_folder.CaptionedImageFolder`); keys only
+    the class examples have are left out, so the base model's own training set (e.g.
+    :class:`ldm.data.shapes.ShapesTrain`, which also carries its drawn ``attributes``) can be the prior.
     """
 
     def __init__(self, instance, prior, prior_loss_weight=1.0):
@@ -46,9 +48,10 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
             raise IndexError(f"prior-preservation index {index} out of range for length {len(self)}")
         item = dict(self.instance[index % len(self.instance)], **{LOSS_WEIGHT_KEY: 1.0})
         prior = dict(self.prior[index % len(self.prior)], **{LOSS_WEIGHT_KEY: self.prior_loss_weight})
-        if prior.keys() != item.keys():
-            raise UserError(f"instance and class examples must have the same keys, got {sorted(item)} and "
+        if not item.keys() <= prior.keys():
+            raise UserError(f"class examples must have the keys of the instance examples, got {sorted(item)} and "
                             f"{sorted(prior)}")
+        prior = {key: prior[key] for key in item}
         item[PRIOR_KEY] = prior
         return item
 

@@ -78,5 +78,15 @@ def test_examples_of_different_kinds_are_refused():
     class Other(Captions):
         def __getitem__(self, index):
             return {"jpg": np.zeros((4, 4, 3), dtype=np.float32), "caption": "x"}
-    with pytest.raises(UserError, match="same keys"):
+    with pytest.raises(UserError, match="must have the keys of the instance examples"):
         PriorPreservationDataset(Captions("sks", 2), Other("class", 2))[0]
+
+
+def test_keys_only_the_class_examples_have_are_left_out():
+    # the base model's training set as the prior: its items also carry the drawn attributes
+    from ldm.data.shapes import ShapesTrain
+    from ldm.data.shapes_concepts import ShapesConcept
+    assert "attributes" in ShapesTrain(size=16, length=3)[0]
+    dataset = PriorPreservationDataset(ShapesConcept("instance", length=2, size=16), ShapesTrain(size=16, length=3))
+    item = dataset[1]
+    assert set(item[PRIOR_KEY]) == set(item) - {PRIOR_KEY} == {"image", "caption", LOSS_WEIGHT_KEY}

@@ -10,6 +10,11 @@ over the batch, so a batch of n instance and n class examples gives
 (instance loss + prior_loss_weight * class loss) / 2: diffusers' sum halved, a constant factor
 that Adam's update does not see. With every weight 1, or batches without ``loss_weight``, the
 loss is LatentDiffusion's to the bit.
+
+``trainable``: which U-Net parameters fine-tune, by name. ``None`` (DreamBooth) trains them all; a list
+of name fragments trains only the parameters whose name contains one of them, e.g. the cross-attention
+key and value projections (``["attn2.to_k", "attn2.to_v"]``: Custom Diffusion, Kumari et al. 2023),
+which bind the new token with far fewer weights able to move the rest of the model.
 """
 import logging
 
@@ -32,7 +37,7 @@ class DreamBooth(LatentDiffusion):
     step, so caption dropout (``ucg_training``) reaches both kinds.
     """
 
-    def __init__(self, *args, train_text_encoder=False, loss_weight_key=LOSS_WEIGHT_KEY, **kwargs):
+    def __init__(self, *args, train_text_encoder=False, loss_weight_key=LOSS_WEIGHT_KEY, trainable=None, **kwargs):
         given = kwargs.pop("cond_stage_trainable", None)
         if given is not None and bool(given) != bool(train_text_encoder):
             logger.info("DreamBooth: train_text_encoder=%s decides whether the text encoder trains "
@@ -41,6 +46,28 @@ class DreamBooth(LatentDiffusion):
         self.train_text_encoder = bool(train_text_encoder)
         self.loss_weight_key = loss_weight_key
         self._item_weights = None   # [B] while shared_step runs a weighted batch
+        self.trainable = None if trainable is None else [str(fragment) for fragment in trainable]
+        if self.trainable is not None:
+            self._freeze_all_but(self.trainable)
+
+    def _freeze_all_but(self, fragments):
+        if not fragments:
+            raise ValueError("DreamBooth: trainable is an empty list; leave it out to train the whole U-Net")
+        chosen = 0
+        for name, param in self.model.named_parameters():
+            keep = any(fragment in name for fragment in fragments)
+            param.requires_grad_(keep)
+            chosen += keep
+        if not chosen:
+            raise ValueError(f"DreamBooth: trainable={fragments} names no U-Net parameter "
+                             f"(names look like {next(iter(dict(self.model.named_parameters())))!r})")
+        logger.info("DreamBooth: fine-tuning %d U-Net tensors named by %s", chosen, fragments)
+
+    def trainable_parameters(self):
+        params = super().trainable_parameters()
+        if self.trainable is None:
+            return params
+        return [param for param in params if param.requires_grad]
 
     def training_step(self, batch, batch_idx):
         return super().training_step(merge_prior_examples(batch), batch_idx)

@@ -102,6 +102,21 @@ def test_only_the_unet_trains_unless_the_text_encoder_is_asked_for(tiny):
     assert not any(n.startswith("first_stage_model.") for n in trainable_names(with_text))
 
 
+KEY_VALUE = ["attn2.to_k", "attn2.to_v"]
+
+
+def test_trainable_names_the_unet_parameters_that_fine_tune(tiny):
+    custom = tiny.build(dreambooth_config(tiny, trainable=KEY_VALUE))
+    names = {id(p): n for n, p in custom.model.named_parameters()}
+    chosen = [names[id(p)] for p in custom.trainable_parameters()]
+    assert chosen and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in chosen)
+    assert len(chosen) == sum(".attn2.to_k." in n or ".attn2.to_v." in n for n in names.values())
+    with pytest.raises(ValueError, match="names no U-Net parameter"):
+        tiny.build(dreambooth_config(tiny, trainable=["attn9"]))
+    with pytest.raises(ValueError, match="empty list"):
+        tiny.build(dreambooth_config(tiny, trainable=[]))
+
+
 # ---------------------------------------------------------------------------------------------- main.py
 
 def run_config(tiny, tiny_files, folder):
@@ -158,6 +173,13 @@ def test_main_fine_tunes_the_unet_and_leaves_the_rest_bit_identical(trained, tin
 def test_text_encoder_trains_when_asked(trained, tiny_files):
     _, ckpt = train(trained.config, trained.folder / "logs-text", 2, "model.params.train_text_encoder=true")
     assert changed_prefixes(ckpt["state_dict"], tiny_files.state_dict) == {"model", "cond_stage_model"}
+
+
+def test_trainable_fine_tunes_only_the_named_weights(trained, tiny_files):
+    _, ckpt = train(trained.config, trained.folder / "logs-kv", 2, "model.params.trainable=[attn2.to_k,attn2.to_v]")
+    base = tiny_files.state_dict
+    changed = {key for key, value in ckpt["state_dict"].items() if not torch.equal(value, base[key])}
+    assert changed and all(".attn2.to_k." in key or ".attn2.to_v." in key for key in changed)
 
 
 def test_export_weights_gives_an_inference_checkpoint(trained, tiny_files, scripts, tmp_path):
