@@ -48,7 +48,7 @@ MODES = {"fp32": ["fp32"], "bf16": ["bf16-autocast", "bf16-weights"]}
 BATCH, CONTEXT_LEN, TIMESTEP = 2, 77, 999
 WEIGHTS_FILE = "unet.safetensors"
 # levers that only act under bfloat16 autocast: their rows run bf16-autocast instead of fp32
-BF16_LEVERS = ("attention-no-upcast",)
+BF16_LEVERS = ("attention-no-upcast", "attention-upcast")
 # levers that are a memory allocator preloaded into the worker (Debian: libjemalloc2, libtcmalloc-minimal4)
 ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
               "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}

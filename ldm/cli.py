@@ -163,7 +163,8 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
              "callback/logger classes are built, since a config can run any code")
     add("--attention", choices=["auto", "sdpa", "xformers", "math"], default="auto",
         help="attention kernel (auto: xformers when installed and on CUDA, else PyTorch SDPA); "
-             "ATTN_PRECISION=fp16 turns off the float32 attention logits used under autocast")
+             "ATTN_PRECISION=fp16 turns off the float32 attention used under float16 autocast, "
+             "ATTN_PRECISION=fp32 turns it on under CPU bfloat16 autocast too")
     add("--vae-tiling", choices=["auto", "on", "off"], default="auto",
         help="decode (and encode) the image in overlapping 512px tiles, so large images need the "
              "memory of a 512px one (auto: only images larger than 768x768)")
@@ -300,9 +301,10 @@ def check_latent_flags(args, model):
 def attention_options(args, environ=None):
     """(backend, upcast) from --attention and the official ATTN_PRECISION variable.
 
-    ATTN_PRECISION=fp32 (the official default) computes attention logits in float32 under
-    half-precision autocast, which SD 2.x v-models need; any other value (e.g. fp16) keeps them
-    in the autocast dtype.
+    Unset: what the official code's default (fp32) computes, attention in float32 under float16
+    autocast (SD 2.x v-models need it) and in bfloat16 under a CPU bfloat16 autocast (the official
+    code switches off only CUDA's autocast for it); ATTN_PRECISION=fp32 also upcasts the latter,
+    any other value (e.g. fp16) keeps attention in the autocast dtype everywhere.
     """
     import os
     environ = os.environ if environ is None else environ
@@ -310,7 +312,9 @@ def attention_options(args, environ=None):
     if backend == "auto":
         from ldm.modules.attention import xformers_available
         backend = "xformers" if xformers_available() else "sdpa"
-    return backend, environ.get("ATTN_PRECISION", "fp32") == "fp32"
+    from ldm.modules.attention import UPCAST_AUTO
+    precision = environ.get("ATTN_PRECISION")
+    return backend, UPCAST_AUTO if precision is None else precision == "fp32"
 
 
 TRUST_CONFIG_ADVICE = "pass --trust-config if you trust this config"

@@ -10,8 +10,10 @@ what paid and what did not); the sampling scripts turn on the ones that paid.
 - ``compile-freezing``: the same with inductor's freezing (weights folded in as constants, convolution
   and matmul weights prepacked for oneDNN); inference only.
 - ``attention-math``: attention as two matmuls and a softmax instead of PyTorch's fused SDPA kernel.
-- ``attention-no-upcast``: under bfloat16 autocast, attention in bfloat16 instead of float32 (what
-  ``ATTN_PRECISION=fp16`` does in the scripts).
+- ``attention-no-upcast``: attention in the autocast dtype everywhere (what ``ATTN_PRECISION=fp16``
+  does in the scripts); under a CPU bfloat16 autocast that is already the default.
+- ``attention-upcast``: attention in float32 under a CPU bfloat16 autocast too (``ATTN_PRECISION=fp32``),
+  to time what the default leaves out.
 
 Two more are process settings, not model changes, so they have no function here: the memory allocator
 (jemalloc or tcmalloc through ``LD_PRELOAD``, see bench/README.md) and the thread count.
@@ -20,7 +22,8 @@ import torch
 
 from ldm.errors import UserError
 
-LEVERS = ("winograd", "channels_last", "compile", "compile-freezing", "attention-math", "attention-no-upcast")
+LEVERS = ("winograd", "channels_last", "compile", "compile-freezing", "attention-math", "attention-no-upcast",
+          "attention-upcast")
 
 
 def apply_lever(model, name):
@@ -32,12 +35,12 @@ def apply_lever(model, name):
         use_winograd(model)
     elif name == "channels_last":
         model.to(memory_format=torch.channels_last)
-    elif name in ("attention-math", "attention-no-upcast"):
+    elif name.startswith("attention-"):
         from ldm.modules.attention import set_attention_options
         if name == "attention-math":
             set_attention_options(model, backend="math")
         else:
-            set_attention_options(model, upcast=False)
+            set_attention_options(model, upcast=name == "attention-upcast")
     else:
         if name == "compile-freezing":
             import torch._inductor.config as inductor_config

@@ -26,7 +26,8 @@ def test_shipped_sampling_is_what_the_scripts_use_without_flags():
 
 def test_attention_precision_follows_attn_precision():
     args = SimpleNamespace(attention="sdpa")
-    assert attention_options(args, environ={}) == ("sdpa", True)
+    assert attention_options(args, environ={}) == ("sdpa", "auto")
+    assert attention_options(args, environ={"ATTN_PRECISION": "fp32"}) == ("sdpa", True)
     assert attention_options(args, environ={"ATTN_PRECISION": "fp16"}) == ("sdpa", False)
     # without CUDA, auto never picks xformers
     assert attention_options(SimpleNamespace(attention="auto"), environ={})[0] == "sdpa"

@@ -35,15 +35,26 @@ def xformers_available():
     return torch.cuda.is_available()
 
 
-def attention(q, k, v, backend="sdpa", upcast=True):
+UPCAST_AUTO = "auto"
+
+
+def attention(q, k, v, backend="sdpa", upcast=UPCAST_AUTO):
     """Softmax attention over [B, heads, N, d] tensors; the output has the dtype of ``q``.
 
     ``upcast`` computes the logits, softmax and weighted sum in float32: SD 2.x v-models overflow
     in half precision otherwise (black images), which is why the official code defaults
-    ATTN_PRECISION to fp32. Autocast is switched off around the kernel, as officially: it would
-    cast the float32 inputs of SDPA, einsum/bmm and xformers straight back to the autocast dtype.
+    ATTN_PRECISION to fp32. Autocast is switched off around the kernel: it would cast the float32
+    inputs of SDPA, einsum/bmm and xformers straight back to the autocast dtype.
+
+    ``"auto"`` (the default) upcasts except for bfloat16 on the CPU. That is what the official code
+    computes: it switches off only CUDA's autocast, so under a CPU bfloat16 autocast its float32
+    logits are cast back to bfloat16 (diffusers' SDPA processor also stays in bfloat16). bfloat16
+    has float32's exponent range, so nothing overflows; the float32 attention costs about a third
+    of a 512px U-Net step on a CPU (bench/README.md). ``True`` upcasts there too.
     """
     dtype = q.dtype
+    if upcast == UPCAST_AUTO:
+        upcast = not (dtype == torch.bfloat16 and q.device.type == "cpu")
     if not upcast:
         return _attention_kernel(q, k, v, backend).to(dtype)
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -102,7 +113,7 @@ class CrossAttention(nn.Module):
     contexts of the keys and of the values before their projections, whatever the attention backend.
     """
 
-    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0., backend="sdpa", upcast=True):
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0., backend="sdpa", upcast=UPCAST_AUTO):
         super().__init__()
         inner_dim = dim_head * heads
         context_dim = default(context_dim, query_dim)

@@ -90,6 +90,20 @@ def test_upcast_keeps_fp16_logits_from_overflowing():
     assert torch.isnan(overflowed).all()
 
 
+@pytest.mark.parametrize("dtype, kernel_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_auto_upcast_keeps_cpu_bfloat16_as_the_official_code_computes_it(dtype, kernel_dtype):
+    """The official upcast switches off CUDA's autocast only: on a CPU its bfloat16 attention stays
+    bfloat16. float16 (which overflows) is still upcast."""
+    q, k, v = (t.to(dtype) for t in bf16_rounded_qkv())
+    with torch.autocast("cpu", dtype=dtype), KernelDtypes() as auto:
+        out = attention(q, k, v, backend="sdpa")
+    assert out.dtype == dtype
+    assert auto.seen and all(dtypes == {kernel_dtype} for dtypes in auto.seen.values()), auto.seen
+    q = torch.full((1, 1, 4, 8), 300.0, dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not torch.isnan(attention(q, q, q, backend="math")).any()
+
+
 def test_upcast_leaves_float64_alone():
     q, k, v = (t.double() for t in bf16_rounded_qkv())
     out = attention(q, k, v, backend="math", upcast=True)
@@ -128,3 +142,15 @@ def test_set_attention_options_validates_and_applies():
         set_attention_options(block, backend="flash9000")
     set_attention_options(block, backend="xformers")  # unavailable here: falls back, never crashes
     assert all(m.backend in ("sdpa", "xformers") for m in attns)
+
+
+@pytest.mark.parametrize("lever, upcast", [("attention-upcast", True), ("attention-no-upcast", False)])
+def test_attention_precision_levers(lever, upcast):
+    from ldm.errors import UserError
+    from ldm.fast_inference import apply_lever
+    block = SpatialTransformer(32, 2, 16, context_dim=12)
+    assert {m.upcast for m in block.modules() if isinstance(m, CrossAttention)} == {"auto"}
+    apply_lever(block, lever)
+    assert {m.upcast for m in block.modules() if isinstance(m, CrossAttention)} == {upcast}
+    with pytest.raises(UserError, match="unknown speed lever"):
+        apply_lever(block, "attention-fp8")
