@@ -78,7 +78,11 @@ def parse_args(argv):
     p.add_argument("--prompts", type=int, default=144,
                    help="one-shape prompts per measurement (>= 18; with 2 seeds, 288 images: a 5-point drop is 14)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--class-images", type=int, default=100, help="DreamBooth prior-preservation images")
+    p.add_argument("--class-images", type=int, default=100,
+                   help="DreamBooth class images, for a config whose prior is a folder of them")
+    p.add_argument("--dreambooth-config", default=None,
+                   help=f"DreamBooth's config (default {CONFIGS['dreambooth']}; the paper's prior of generated class "
+                        "images: configs/personalise/shapes-dreambooth-generated-prior.yaml)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: each config's own)")
     p.add_argument("--threads", type=int, default=None)
     add_out_arguments(p, "personalise")
@@ -113,25 +117,35 @@ def _newest_run(logdir, name):
     return runs[-1]
 
 
-def train(method, config, ckpt, workdir, class_images, max_steps=None):
-    """Train ``method`` on the base (config, ckpt); returns (run folder, [(command, seconds)])."""
+def _prior_is_a_folder(method_config):
+    from omegaconf import OmegaConf
+    prior = OmegaConf.load(REPO / method_config).data.params.train.params.prior
+    return prior.target == "ldm.data.captioned_folder.CaptionedImageFolder"
+
+
+def train(method, config, ckpt, workdir, class_images, max_steps=None, method_config=None):
+    """Train ``method`` with ``method_config`` (default: its committed config) on the base (config, ckpt);
+    returns (run folder, [(command, seconds)])."""
+    method_config = method_config or CONFIGS[method]
     workdir, logdir, name = Path(workdir), Path(workdir) / "logs", f"bench-{method}"
     workdir.mkdir(parents=True, exist_ok=True)
     log, steps = workdir / f"{method}.log", []
     python = sys.executable
     if method == "dreambooth":
         instance, prior = workdir / "dreambooth" / "instance", workdir / "dreambooth" / "class"
-        for command in ([python, "scripts/shapes_concept_images.py", "instance", str(instance), "--n", "8"],
-                        [python, "scripts/generate_class_images.py", "--class-prompt", f"a {INSTANCE['shape']}",
-                         "--shapes-phrases", "--n", str(class_images), "--outdir", str(prior),
-                         "--ckpt", str(ckpt), "--config", str(config)]):
+        commands = [[python, "scripts/shapes_concept_images.py", "instance", str(instance), "--n", "8"]]
+        overrides = [f"model.params.ckpt_path={ckpt}", f"data.params.train.params.instance.params.folder={instance}"]
+        if _prior_is_a_folder(method_config):   # the paper's prior: class images the base model draws first
+            commands.append([python, "scripts/generate_class_images.py", "--class-prompt", f"a {INSTANCE['shape']}",
+                             "--shapes-phrases", "--n", str(class_images), "--outdir", str(prior),
+                             "--ckpt", str(ckpt), "--config", str(config)])
+            overrides.append(f"data.params.train.params.prior.params.folder={prior}")
+        for command in commands:
             steps.append((shlex.join(command), _timed(command, log)))
-        command = [python, "main.py", "--base", str(config), CONFIGS[method], "-t", "-n", name, "--logdir", str(logdir),
-                   f"model.params.ckpt_path={ckpt}",
-                   f"data.params.train.params.instance.params.folder={instance}",
-                   f"data.params.train.params.prior.params.folder={prior}"]
+        command = [python, "main.py", "--base", str(config), method_config, "-t", "-n", name, "--logdir", str(logdir),
+                   *overrides]
     else:
-        command = [python, "main.py", "--base", CONFIGS[method], "-t", "-n", name, "--logdir", str(logdir),
+        command = [python, "main.py", "--base", method_config, "-t", "-n", name, "--logdir", str(logdir),
                    f"model.params.base_config={config}", f"model.params.base_ckpt={ckpt}"]
     if max_steps:
         command += ["--max_steps", str(max_steps)]
@@ -348,7 +362,8 @@ def _main(argv):
             folders[method] = args.runs[method]
         else:
             folders[method], training[method] = train(method, config, ckpt, args.workdir, args.class_images,
-                                                              args.max_steps)
+                                                      args.max_steps, args.dreambooth_config
+                                                      if method == "dreambooth" else None)
 
     model = load_model(config, ckpt, device="cpu")
     prompts = prompt_set(args.prompts, seed=0)

@@ -71,3 +71,8 @@ def test_run_of_an_unknown_method_is_refused_in_one_line(bench, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "METHOD=RUN_DIR" in err[0]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_class_images_are_drawn_only_for_a_prior_folder(bench):
+    assert not bench._prior_is_a_folder("configs/personalise/shapes-dreambooth.yaml")
+    assert bench._prior_is_a_folder("configs/personalise/shapes-dreambooth-generated-prior.yaml")

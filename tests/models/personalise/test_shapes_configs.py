@@ -56,3 +56,28 @@ def test_lora_config_teaches_the_star_shape_on_res_blocks_too(monkeypatch):
         assert "star" in caption.split() and read_shape(image) == "star"
     # the star's points are drawn at the 16x16 level, which has no attention: res blocks must adapt too
     assert "resnet" in config.model.params.targets
+
+
+@pytest.mark.parametrize("name, prior", [
+    ("shapes-dreambooth.yaml", "ldm.data.shapes.ShapesTrain"),   # the base model's training set
+    ("shapes-dreambooth-generated-prior.yaml", "ldm.data.captioned_folder.CaptionedImageFolder"),   # its own images
+])
+def test_dreambooth_configs_pair_the_instance_with_a_prior(name, prior, tmp_path, monkeypatch):
+    from ldm.data.captioned_folder import write_dataset_items
+    from ldm.data.prior_preservation import PRIOR_KEY, PriorPreservationDataset
+    from ldm.data.shapes_concepts import ShapesConcept
+    config = OmegaConf.load(CONFIGS / name)
+    train = config.data.params.train
+    assert train.target == "ldm.data.prior_preservation.PriorPreservationDataset" and train.params.prior.target == prior
+    assert config.model.params.ckpt_path == "models/shapes/shapes-ldm.safetensors"
+    write_dataset_items(ShapesConcept("instance", length=2, size=64), tmp_path / "instance")
+    train.params.instance.params.folder = str(tmp_path / "instance")
+    if "folder" in train.params.prior.params:
+        write_dataset_items(ShapesConcept("instance", length=3, size=64), tmp_path / "class")
+        train.params.prior.params.folder = str(tmp_path / "class")
+    else:   # one prior example per step's instance example: none seen twice
+        assert train.params.prior.params.length == config.lightning.trainer.max_steps * config.data.params.batch_size
+    dataset = instantiate_from_config(train)
+    assert isinstance(dataset, PriorPreservationDataset)
+    item = dataset[1]
+    assert "sks" in item["caption"] and set(item[PRIOR_KEY]) == set(item) - {PRIOR_KEY}
