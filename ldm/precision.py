@@ -188,17 +188,25 @@ def hold_weights_in(module, dtype):
     Under an autocast to ``dtype`` these layers compute bit for bit as before, since autocast casts their
     float32 weights to ``dtype`` anyway; but it also caches those cast copies for the whole autocast
     region (a sampling run), a second copy of the weights beside the float32 ones. Holding them in
-    ``dtype`` drops both. One way: the float32 weights are not kept, so only for a model that from then
-    on runs under that autocast (norms, embeddings and the rest stay float32)."""
-    freed = 0
+    ``dtype`` drops both (and the float32 weights' pages of a memory-mapped checkpoint,
+    ``ldm.mapped_pages``). One way: the float32 weights are not kept, so only for a model that from
+    then on runs under that autocast (norms, embeddings and the rest stay float32)."""
+    from ldm.mapped_pages import release_file_pages
     layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    for layer in module.modules():
-        if not isinstance(layer, layers):
-            continue
-        for name in ("weight", "bias"):
-            param = getattr(layer, name, None)
-            if param is None or param.dtype == dtype or not param.is_floating_point():
+    freed = 0
+
+    def replaced():   # each float32 weight's pages go as soon as its copy is made, so they never all sit together
+        nonlocal freed
+        for layer in module.modules():
+            if not isinstance(layer, layers):
                 continue
-            freed += param.numel() * (param.element_size() - torch.finfo(dtype).bits // 8)
-            setattr(layer, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+            for name in ("weight", "bias"):
+                param = getattr(layer, name, None)
+                if param is None or param.dtype == dtype or not param.is_floating_point():
+                    continue
+                freed += param.numel() * (param.element_size() - torch.finfo(dtype).bits // 8)
+                setattr(layer, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+                yield param.detach()
+
+    release_file_pages(replaced())
     return freed
