@@ -7,8 +7,8 @@
 The bench writes a checkpoint of `configs/stable-diffusion/v2-inference.yaml` with seeded random
 weights (zero-initialised layers too, so every layer does real work; fp32, official layout
 `{"state_dict": ...}`) into a temporary folder, then runs the script in a child process once per
-precision setting (the default, which on a CPU with native bfloat16 is bfloat16 autocast for a model
-this size, and `--precision full --no-bf16`, plain float32) and records its wall time (load, text
+setting (the default, which on a CPU with native bfloat16 is bfloat16 autocast for a model this
+size; the same with tcmalloc preloaded, `LD_PRELOAD`; and `--precision full --no-bf16`, plain float32) and records its wall time (load, text
 encoding, sampling, decoding, saving) and the child's peak RSS. The target for peak RSS is 1.1x the
 fp32 weights' own size + 1.5 GB.
 
@@ -37,7 +37,10 @@ from _results import add_out_arguments, checked_results_path, machine_record, sh
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 PROMPT = "a professional photograph of an astronaut riding a horse"
-RUNS = {"default": [], "fp32": ["--precision", "full", "--no-bf16"]}
+# name: (flags, memory allocator preloaded into the child or None)
+RUNS = {"default": ([], None), "default+tcmalloc": ([], "tcmalloc"), "fp32": (["--precision", "full", "--no-bf16"], None)}
+# Debian's libtcmalloc-minimal4 (bench/README.md: the launcher setting)
+ALLOCATORS = {"tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 
 
 def smoke_config(path):
@@ -73,22 +76,30 @@ def write_checkpoint(config_path, ckpt_path):
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def run_script(name, flags, args, config_path, ckpt_path, workdir):
+def run_script(name, flags, allocator, args, config_path, ckpt_path, workdir):
     cmd = [sys.executable, str(REPO / "scripts" / "txt2img.py"), "--ckpt", str(ckpt_path),
            "--config", str(config_path), "--H", str(args.size), "--W", str(args.size),
            "--steps", str(args.steps), "--sampler", args.sampler, "--n_samples", "1",
            "--prompt", PROMPT, "--outdir", str(Path(workdir) / f"out-{name}"), *flags]
     print(f"... txt2img {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    env = child_env(args)
+    if allocator is not None:
+        if not Path(ALLOCATORS[allocator]).exists():
+            return {"run": name, "flags": flags, "error": f"{ALLOCATORS[allocator]} is not installed"}
+        env["LD_PRELOAD"] = ALLOCATORS[allocator]
     t0 = time.perf_counter()
     # a child of its own, so that ru_maxrss of the children is this run's peak
     proc = subprocess.run([sys.executable, __file__, "--measure-child", "--", *cmd],
-                          capture_output=True, text=True, env=child_env(args))
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
         return {"run": name, "flags": flags, "error": lines[-1]}
     peak_gb = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_gb"]
-    return {"run": name, "flags": flags, "wall_s": wall, "peak_rss_gb": peak_gb}
+    result = {"run": name, "flags": flags, "wall_s": wall, "peak_rss_gb": peak_gb}
+    if allocator is not None:
+        result["allocator"] = f"LD_PRELOAD={ALLOCATORS[allocator]}"
+    return result
 
 
 def child_env(args):
@@ -197,7 +208,7 @@ def run_all(args):
         ckpt_path = Path(workdir) / "random-v2.ckpt"
         print(f"... writing {ckpt_path.name}", file=sys.stderr, flush=True)
         weight_bytes = write_checkpoint(config_path, ckpt_path)
-        ours = [run_script(name, flags, args, config_path, ckpt_path, workdir) for name, flags in RUNS.items()]
+        ours = [run_script(name, *RUNS[name], args, config_path, ckpt_path, workdir) for name in args.runs]
         peer = run_peer(args, config_path)
     report = {"what": "scripts/txt2img.py wall time (load, text, sampling, decode, save) and peak RSS; "
                       "diffusers: sum of its components' times for the same work",
@@ -218,6 +229,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the children (0: default)")
     p.add_argument("--smoke", action="store_true", help="tiny widths, to check the script itself")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which of our runs")
     add_out_arguments(p, "txt2img_e2e")
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
