@@ -46,6 +46,23 @@ def test_vae_attention_matches_single_head_softmax():
     torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_vae_attention_hands_sdpa_contiguous_inputs_in_either_layout(monkeypatch):
+    """A transposed view sends CPU SDPA to its math path, which holds the HW x HW weights (2.3 GB more
+    for a 1024px decode); NCHW activations must be copied, channels_last ones are already in order."""
+    import ldm.modules.diffusionmodules.model as vae_model
+    seen = []
+    attention = vae_model.attention
+    monkeypatch.setattr(vae_model, "attention",
+                        lambda q, k, v, **kw: seen.append(all(t.is_contiguous() for t in (q, k, v))) or attention(q, k, v, **kw))
+    block = AttnBlock(32)
+    x = torch.randn(1, 32, 6, 6)
+    with torch.no_grad():
+        out = block(x)
+        out_cl = block(x.contiguous(memory_format=torch.channels_last))
+    assert seen == [True, True]
+    torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-5)
+
+
 def test_xformers_attn_type_falls_back_without_xformers():
     assert isinstance(make_attn(32, "vanilla-xformers"), AttnBlock)
 

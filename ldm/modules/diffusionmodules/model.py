@@ -95,10 +95,11 @@ class AttnBlock(nn.Module):
         h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
-        # [B, C, H, W] -> [B, 1, HW, C], contiguous (free for a channels_last tensor): one head over
-        # all channels. A transposed view would send SDPA on the CPU to its math path, which holds the
-        # HW x HW weights: 2.3 GB more at HW = 128^2 (a 1024px decode) than the flash kernel.
-        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c) for t in (q, k, v))
+        # [B, C, H, W] -> [B, 1, HW, C], contiguous (free for a channels_last tensor; from NCHW the
+        # reshape alone is a transposed view): one head over all channels. A transposed view would send
+        # SDPA on the CPU to its math path, which holds the HW x HW weights: 2.3 GB more at HW = 128^2
+        # (a 1024px decode) than the flash kernel.
+        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c).contiguous() for t in (q, k, v))
         out = attention(q, k, v, backend=self.attn_backend)
         out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
         return x + self.proj_out(out)
