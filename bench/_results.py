@@ -14,6 +14,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent
+# memory allocators a benchmark row preloads into its worker (LD_PRELOAD; Debian's libjemalloc2 and
+# libtcmalloc-minimal4), the launcher setting the README documents
+ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+              "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 
 
 def shown_path(path):

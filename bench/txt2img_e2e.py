@@ -8,9 +8,9 @@ The bench writes a checkpoint of `configs/stable-diffusion/v2-inference.yaml` wi
 weights (zero-initialised layers too, so every layer does real work; fp32, official layout
 `{"state_dict": ...}`) into a temporary folder, then runs the script in a child process once per
 setting (the default, which on a CPU with native bfloat16 is bfloat16 autocast for a model this
-size; the same with tcmalloc preloaded, `LD_PRELOAD`; and `--precision full --no-bf16`, plain float32) and records its wall time (load, text
-encoding, sampling, decoding, saving) and the child's peak RSS. The target for peak RSS is 1.1x the
-fp32 weights' own size + 1.5 GB.
+size; the same with tcmalloc preloaded, `LD_PRELOAD`; and `--precision full --no-bf16`, plain
+float32) and records its wall time (load, text encoding, sampling, decoding, saving) and the
+child's peak RSS. The target for peak RSS is 1.1x the fp32 weights' own size + 1.5 GB.
 
 The peer: diffusers has no single script for this work, so a worker times its components on the same
 shapes in fp32 (its CPU default): CLIPTextModel of the SD 2.x text encoder's size encoding the prompt
@@ -32,15 +32,14 @@ from pathlib import Path
 
 import torch
 
-from _results import add_out_arguments, checked_results_path, machine_record, shown_path, write_results
+from _results import (ALLOCATORS, add_out_arguments, checked_results_path, machine_record, shown_path,
+                      write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 PROMPT = "a professional photograph of an astronaut riding a horse"
 # name: (flags, memory allocator preloaded into the child or None)
 RUNS = {"default": ([], None), "default+tcmalloc": ([], "tcmalloc"), "fp32": (["--precision", "full", "--no-bf16"], None)}
-# Debian's libtcmalloc-minimal4 (bench/README.md: the launcher setting)
-ALLOCATORS = {"tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 
 
 def smoke_config(path):

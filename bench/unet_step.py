@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from _results import add_out_arguments, machine_record, results_path, write_results
+from _results import ALLOCATORS, add_out_arguments, machine_record, results_path, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
@@ -49,9 +49,6 @@ BATCH, CONTEXT_LEN, TIMESTEP = 2, 77, 999
 WEIGHTS_FILE = "unet.safetensors"
 # levers that only act under bfloat16 autocast: their rows run bf16-autocast instead of fp32
 BF16_LEVERS = ("attention-no-upcast", "attention-upcast")
-# levers that are a memory allocator preloaded into the worker (Debian: libjemalloc2, libtcmalloc-minimal4)
-ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-              "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 
 
 def unet_params(config_path, smoke):
