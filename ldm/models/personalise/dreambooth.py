@@ -21,6 +21,7 @@ import logging
 import torch
 
 from ldm.data.prior_preservation import LOSS_WEIGHT_KEY, merge_prior_examples
+from ldm.errors import UserError
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,14 @@ class DreamBooth(LatentDiffusion):
 
     def _freeze_all_but(self, fragments):
         if not fragments:
-            raise ValueError("DreamBooth: trainable is an empty list; leave it out to train the whole U-Net")
+            raise UserError("DreamBooth: trainable is an empty list; leave it out to train the whole U-Net")
         chosen = 0
         for name, param in self.model.named_parameters():
             keep = any(fragment in name for fragment in fragments)
             param.requires_grad_(keep)
             chosen += keep
         if not chosen:
-            raise ValueError(f"DreamBooth: trainable={fragments} names no U-Net parameter "
+            raise UserError(f"DreamBooth: trainable={fragments} names no U-Net parameter "
                              f"(names look like {next(iter(dict(self.model.named_parameters())))!r})")
         logger.info("DreamBooth: fine-tuning %d U-Net tensors named by %s", chosen, fragments)
 

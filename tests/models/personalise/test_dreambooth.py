@@ -21,6 +21,7 @@ from ldm.data.prior_preservation import (
 )
 from ldm.data.shapes import parse_prompt
 from ldm.data.shapes_concepts import ShapesConcept
+from ldm.errors import UserError
 
 DREAMBOOTH = "ldm.models.personalise.dreambooth.DreamBooth"
 FROZEN_PREFIXES = ("cond_stage_model.", "first_stage_model.")
@@ -111,9 +112,9 @@ def test_trainable_names_the_unet_parameters_that_fine_tune(tiny):
     chosen = [names[id(p)] for p in custom.trainable_parameters()]
     assert chosen and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in chosen)
     assert len(chosen) == sum(".attn2.to_k." in n or ".attn2.to_v." in n for n in names.values())
-    with pytest.raises(ValueError, match="names no U-Net parameter"):
+    with pytest.raises(UserError, match="names no U-Net parameter"):
         tiny.build(dreambooth_config(tiny, trainable=["attn9"]))
-    with pytest.raises(ValueError, match="empty list"):
+    with pytest.raises(UserError, match="empty list"):
         tiny.build(dreambooth_config(tiny, trainable=[]))
 
 
