@@ -1,12 +1,18 @@
 """What the shipped shapes model has never seen, for the personalisation proofs (issue 11).
 
-Five concepts, each drawn by :class:`ShapesConcept` and read back from pixels here:
+Seven concepts, each drawn by :class:`ShapesConcept` and read back from pixels here:
 
 - ``colour``: shapes in a colour outside the six of the vocabulary ("cyan", :data:`CONCEPT_COLOUR_RGB`),
   captioned with a trigger word in the colour's place ("a large cyan circle on the left"): what a
   textual-inversion embedding learns;
 - ``outline``: the ordinary captions, but every shape drawn as an outline only: a style that a LoRA
   or a hypernetwork adds to every prompt;
+- ``pastel``: the ordinary captions, but every shape painted in a pastel tint of its colour (the colour
+  mixed with white, :func:`pastel_rgb`): a palette style (the shipped autoencoder, which knows six
+  colours, cannot decode it: bench/personalise.py's ceiling);
+- ``pattern``: the ordinary captions, but every shape drawn as a 2x2 pattern of four small copies,
+  whatever size and position the caption names: a layout style that a LoRA or a hypernetwork adds to
+  every prompt, coarse enough for the shipped model's attention layers (8x8 and 4x4 latents) to steer;
 - ``star``: a new shape, a large five-pointed star, with the ordinary captions' other words ("a large
   red star on the left"): a shape a LoRA or a hypernetwork adds to the model's vocabulary;
 - ``instance``: one particular shape (fixed colour, shape and size, :data:`INSTANCE`) in random
@@ -15,11 +21,12 @@ Five concepts, each drawn by :class:`ShapesConcept` and read back from pixels he
 - ``object``: the same instance captioned by its trigger word alone ("a zwx on the left"): what a
   textual-inversion embedding of an object learns (colour, shape and size in one new word).
 
-The readers use :func:`ldm.data.shapes_describe.measure` and only widen its palette or its shapes or look
-at the shape's inside, so :func:`describe` itself and the fidelity numbers stay as they are.
+The readers use :func:`ldm.data.shapes_describe.measure` and only widen its palette or its shapes, look
+at the shape's inside or read each quarter of a pattern as one shape, so :func:`describe` itself and the fidelity numbers stay as they are.
 """
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm.data.shapes import (
     POSITION_PHRASES,
@@ -33,10 +40,13 @@ from ldm.data.shapes import (
 from ldm.data.shapes_describe import (
     EXTRA_FILL,
     IDEAL_FILL,
+    MIN_SHAPE_PIXELS,
     _border_colour,
+    _largest_component,
     _nearest,
     _shape_mask,
     _to_pil,
+    drawn_pixels,
     measure,
 )
 from ldm.data.shapes_vocabulary import COLOUR_RGB, draw_shapes
@@ -50,7 +60,21 @@ OUTLINE_WIDTH = 0.03
 # the area it encloses (dataset images: filled shapes 0, outlines 0.19 to 0.77).
 OUTLINE_HOLE_SHARE = 0.1
 INSTANCE = {"colour": "orange", "shape": "triangle", "size": "large"}
-CONCEPTS = ("colour", "outline", "instance", "object", "star")
+CONCEPTS = ("colour", "outline", "instance", "object", "star", "pastel", "pattern")
+# ``pattern``: four small copies on a 2x2 grid, centred this far from the middle (fractions of the side).
+PATTERN_OFFSET = 0.2
+PATTERN_EXTENT = (0.16, 0.2)
+# Share of white in a pastel tint: every tint is then >= 100/255 from every vocabulary colour and >= 70/255
+# from every background, so the reader tells a tint from its colour and still finds the shape on white.
+PASTEL_WHITE = 0.5
+
+
+def pastel_rgb(colour):
+    """The pastel tint of vocabulary colour ``colour``: its RGB mixed with white."""
+    return tuple(round(c + PASTEL_WHITE * (255 - c)) for c in COLOUR_RGB[colour])
+
+
+PASTEL_RGB = {f"pastel {colour}": pastel_rgb(colour) for colour in COLOUR_RGB}
 
 
 def _caption_with_word(attributes, rng, word):
@@ -66,8 +90,8 @@ class ShapesConcept(torch.utils.data.Dataset):
 
     ``word``: the trigger word in captions (``colour``: the colour's place, default "cyan";
     ``instance``: before the class noun, default "sks"; ``object``: in the noun's place, default "zwx";
-    ``star``: the shape's name, default "star"; ``outline`` captions have none unless given, then it is
-    appended as ", <word>"). ``colour_rgb`` overrides the concept colour.
+    ``star``: the shape's name, default "star"; ``outline`` and ``pastel`` captions have none unless given,
+    then it is appended as ", <word>"). ``colour_rgb`` overrides the concept colour.
     """
 
     def __init__(self, concept="colour", word=None, length=32, size=64, seed=0, colour_rgb=None,
@@ -78,8 +102,8 @@ class ShapesConcept(torch.utils.data.Dataset):
             raise UserError(f"shapes concept dataset length must be positive, got {length}")
         _check_size(size)
         self.concept = concept
-        self.word = word if word is not None else {"colour": "cyan", "instance": "sks", "object": "zwx", "star": "star",
-                                                  "outline": ""}[concept]
+        default_words = {"colour": "cyan", "instance": "sks", "object": "zwx", "star": "star"}
+        self.word = word if word is not None else default_words.get(concept, "")
         self.colour_rgb = tuple(colour_rgb) if colour_rgb is not None else CONCEPT_COLOUR_RGB["cyan"]
         self.length, self.size, self.seed = int(length), int(size), int(seed)
         self.image_key, self.caption_key = image_key, caption_key
@@ -95,10 +119,22 @@ class ShapesConcept(torch.utils.data.Dataset):
         if self.concept == "colour":
             colour = self.colour_rgb
             caption = _caption_with_word(attributes, rng, self.word)
-        elif self.concept == "outline":
-            colour, outline = attributes["colour"], OUTLINE_WIDTH
+        elif self.concept in ("outline", "pastel"):
+            if self.concept == "outline":
+                colour, outline = attributes["colour"], OUTLINE_WIDTH
+            else:
+                colour = pastel_rgb(attributes["colour"])
             caption = caption_for(attributes, rng)
             caption = f"{caption}, {self.word}" if self.word else caption
+        elif self.concept == "pattern":
+            # size and position give way to the style: four small copies, one in each quarter
+            caption = caption_for(attributes, rng)
+            caption = f"{caption}, {self.word}" if self.word else caption
+            extent = float(rng.uniform(*PATTERN_EXTENT))
+            places = [(0.5 + sx * PATTERN_OFFSET, 0.5 + sy * PATTERN_OFFSET) for sy in (-1, 1) for sx in (-1, 1)]
+            image = draw_shapes(self.size, attributes["background"],
+                                [(attributes["shape"], attributes["colour"], cx, cy, extent) for cx, cy in places])
+            return attributes, image, caption
         elif self.concept == "star":
             # Large only: a small star is 3 latent pixels wide, which the autoencoder rounds off into a
             # blob (bench/personalise.py measures this ceiling).
@@ -135,6 +171,63 @@ def concept_colour(image, extra=None):
     if "shape_rgb" not in stats:
         return None
     return _nearest(stats["shape_rgb"], {**COLOUR_RGB, **(CONCEPT_COLOUR_RGB if extra is None else extra)})
+
+
+def pastel_colour(image):
+    """Nearest colour name of the shape in ``image`` over the vocabulary's six and their pastel tints
+    ("red" or "pastel red"), or ``None`` when no shape stands out."""
+    return concept_colour(image, extra=PASTEL_RGB)
+
+
+def is_pastel(image, colour=None):
+    """Whether the shape in ``image`` is painted in a pastel tint (of vocabulary colour ``colour`` when
+    given); ``None`` when no shape stands out."""
+    seen = pastel_colour(image)
+    if seen is None:
+        return None
+    return seen == f"pastel {colour}" if colour else seen.startswith("pastel ")
+
+
+def _components(mask):
+    """Sizes and centroids (fractions of the side) of the 4-connected regions of ``mask``."""
+    remaining, found = mask.copy(), []
+    while remaining.any():
+        region = _largest_component(remaining)
+        ys, xs = np.nonzero(region)
+        found.append((int(region.sum()), ((xs.mean() + 0.5) / mask.shape[1], (ys.mean() + 0.5) / mask.shape[0])))
+        remaining &= ~region
+    return found
+
+
+def pattern_copies(image):
+    """The four copies of a 2x2 pattern in ``image``, each as ``(colour, shape)`` read from its quarter of
+    the image (enlarged to the full side, where :func:`read_shape` reads it as it reads one shape), in
+    reading order; ``None`` when ``image`` is not four shapes of about one size, one in each quarter."""
+    drawn = drawn_pixels(image)
+    regions = [(size, centre) for size, centre in _components(drawn) if size >= MIN_SHAPE_PIXELS]
+    if len(regions) != 4 or max(s for s, _ in regions) > 2 * min(s for s, _ in regions):
+        return None
+    if len({(cx > 0.5, cy > 0.5) for _, (cx, cy) in regions}) != 4:
+        return None
+    pil = _to_pil(image)
+    half = pil.width // 2
+    copies = []
+    for top in (0, half):
+        for left in (0, half):
+            quarter = pil.crop((left, top, left + half, top + half)).resize(pil.size, Image.BICUBIC)
+            copies.append((concept_colour(quarter, extra={}), read_shape(quarter)))
+    return copies
+
+
+def is_pattern(image, colour=None, shape=None):
+    """Whether ``image`` shows a 2x2 pattern of four copies (each in ``colour`` and read as ``shape`` when
+    given); ``None`` when nothing stands out."""
+    if not drawn_pixels(image).any():
+        return None
+    copies = pattern_copies(image)
+    if copies is None:
+        return False
+    return all((colour is None or c == colour) and (shape is None or s == shape) for c, s in copies)
 
 
 def _reachable_from_border(free):
@@ -191,10 +284,14 @@ __all__ = [
     "CONCEPT_COLOUR_RGB",
     "INSTANCE",
     "OUTLINE_WIDTH",
+    "PASTEL_RGB",
     "ShapesConcept",
     "concept_colour",
     "is_outline",
+    "is_pastel",
     "outline_share",
+    "pastel_colour",
+    "pastel_rgb",
     "read_shape",
     "reads_as_instance",
 ]

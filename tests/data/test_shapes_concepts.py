@@ -8,7 +8,11 @@ from ldm.data.shapes_concepts import (
     ShapesConcept,
     concept_colour,
     is_outline,
+    is_pastel,
+    is_pattern,
     outline_share,
+    pastel_colour,
+    pattern_copies,
     read_shape,
     reads_as_instance,
 )
@@ -36,6 +40,36 @@ def test_outlines_are_seen_and_filled_shapes_are_not():
 
 def test_outline_word_is_appended_when_given():
     assert ShapesConcept("outline", word="lineart", length=4).example(0)[2].endswith(", lineart")
+
+
+def test_pastel_tints_read_as_the_tint_of_their_colour_and_plain_colours_do_not():
+    pastel = ShapesConcept("pastel", length=120)
+    plain = ShapesTrain(length=120)
+    for i in range(120):
+        attributes, image, caption = pastel.example(i)
+        seen = describe(image)
+        assert pastel_colour(image) == f"pastel {attributes['colour']}", caption
+        assert is_pastel(image) and is_pastel(image, attributes["colour"])
+        # the tint changes the paint only: shape and position read as drawn
+        assert (seen["shape"], seen["position"]) == (attributes["shape"], attributes["position"])
+        # ordinary captions: the style comes from the adapter, not a word
+        assert "pastel" not in caption
+    for i in range(120):
+        attributes, image, _ = plain.example(i)
+        assert pastel_colour(image) == attributes["colour"] and not is_pastel(image)
+
+
+def test_patterns_read_as_four_copies_of_the_captioned_shape_and_single_shapes_do_not():
+    pattern = ShapesConcept("pattern", length=90)
+    plain = ShapesTrain(length=90)
+    for i in range(90):
+        attributes, image, caption = pattern.example(i)
+        assert pattern_copies(image) == [(attributes["colour"], attributes["shape"])] * 4, caption
+        assert is_pattern(image, attributes["colour"], attributes["shape"])
+        assert "pattern" not in caption
+        assert is_pattern(plain.example(i)[1]) is False
+    other_colour = "red" if attributes["colour"] != "red" else "blue"
+    assert not is_pattern(image, colour=other_colour)
 
 
 def test_instance_is_one_shape_in_many_places():
@@ -84,6 +118,7 @@ def test_instance_reader_refuses_other_shapes():
 def test_blank_image_has_no_colour_or_outline():
     blank = np.full((64, 64, 3), 255, np.uint8)
     assert concept_colour(blank) is None and outline_share(blank) is None and is_outline(blank) is None
+    assert pastel_colour(blank) is None and is_pastel(blank) is None and is_pattern(blank) is None
 
 
 def test_items_are_deterministic_arrays_in_model_range():
