@@ -1,0 +1,51 @@
+"""bench/bf16x3_layers.py: the split's arithmetic (float32-accurate where plain bfloat16 is not), a --smoke run's
+JSON fields, and an existing --out refused."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the split uses oneDNN's fused ops")
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_bf16x3", BENCH / "bf16x3_layers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys.modules["_results"], "RESULTS", tmp_path / "results")
+    return module
+
+
+@pytest.mark.parametrize("kind, shape", [("conv", (24, 40, 3, 1, 12)), ("conv", (24, 16, 3, 2, 12)),
+                                         ("conv", (32, 24, 1, 1, 8)), ("linear", (96, 48, 80))])
+def test_split_is_float32_accurate_where_bfloat16_is_not(bench, kind, shape):
+    row = bench.measure(kind, shape, repeats=1)
+    assert row["bf16_err"] > 1e-3
+    assert row["bf16x3_err"] < 1e-4
+    assert row["fp32_err"] < 1e-5
+
+
+def test_smoke_run_writes_every_layer(bench, tmp_path, capsys):
+    out = tmp_path / "x3.json"
+    assert bench.main(["--smoke", "--threads", "1", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["kind"] for r in report["rows"]] == ["conv", "linear"]
+    assert set(report["total"]) == {"fp32_ms", "bf16_ms", "bf16x3_ms"}
+    assert report["command"].startswith("python bench/bf16x3_layers.py --smoke")
+    assert "bf16x3 ms" in capsys.readouterr().out
+
+
+def test_refuses_an_existing_out(bench, tmp_path, capsys):
+    out = tmp_path / "x3.json"
+    out.write_text("{}")
+    assert bench.main(["--smoke", "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert out.read_text() == "{}"
