@@ -8,9 +8,11 @@ For each method the training (every command, timed) teaches the model something 
   without the embedding;
 - LoRA and hypernetwork: the concept of the run's config, a new shape "star" (large five-pointed stars,
   ordinary captions with "star" for the shape: share of "a ... star ..." samples that read as a star, and
-  with the colour asked for) or shapes drawn as outlines (share of outlines for ordinary prompts), at
-  weight 1, the same with the base model, and whether weight 0 gives the base model's images exactly;
-  the base fidelity at weight 1 (what the adapter costs the shapes the model already draws);
+  with the colour asked for) or a style applied to ordinary prompts: shapes drawn as outlines, as a 2x2
+  pattern of four copies (and each copy in the colour and shape asked for), or in pastel tints (and the
+  tint of the colour asked for); at weight 1, the same with the base model, and whether weight 0 gives
+  the base model's images exactly; the base fidelity at weight 1 (what the adapter costs the shapes the
+  model already draws);
 - DreamBooth: "sks" bound to one instance (a large orange triangle), with prior preservation; share of
   "a sks triangle ..." samples that show it where and on what the prompt says, and the base fidelity
   (``bench/shapes_fidelity.py``'s per-attribute scores) before and after.
@@ -41,6 +43,7 @@ from ldm.data.shapes import (
     HELD_OUT_PAIRS,
     POSITION_PHRASES,
     POSITIONS,
+    parse_prompt,
     prompt_set,
 )
 from ldm.data.shapes_concepts import (
@@ -48,6 +51,8 @@ from ldm.data.shapes_concepts import (
     ShapesConcept,
     concept_colour,
     is_outline,
+    is_pastel,
+    is_pattern,
     read_shape,
     reads_as_instance,
 )
@@ -210,7 +215,9 @@ def autoencoder_ceiling(model, n=CEILING_IMAGES):
     the model's autoencoder (latent mode, no sampling noise)."""
     readers = {"colour": lambda im, _: concept_colour(im) == "cyan", "outline": lambda im, _: bool(is_outline(im)),
                "object": lambda im, a: reads_as_instance(im, {k: a[k] for k in ("position", "background")}),
-               "star": lambda im, a: read_shape(im) == "star" and concept_colour(im) == a["colour"]}
+               "star": lambda im, a: read_shape(im) == "star" and concept_colour(im) == a["colour"],
+               "pastel": lambda im, a: bool(is_pastel(im, a["colour"])),
+               "pattern": lambda im, a: bool(is_pattern(im, a["colour"], a["shape"]))}
     ceiling = {}
     for concept, reads in readers.items():
         data = ShapesConcept(concept, length=n)
@@ -246,8 +253,35 @@ def _star_rates(images, named):
             "star_in_colour": _rate(shape == "star" and seen == colour for shape, seen, colour in shapes if colour)}
 
 
+# per style concept: its reader, and what "as asked" checks beyond the style (None: nothing) in the
+# attributes an ordinary prompt names
+STYLE_READERS = {
+    "outline": (is_outline, None),
+    "pastel": (is_pastel, "the tint of the colour asked for"),
+    "pattern": (is_pattern, "each copy the colour and shape asked for"),
+}
+
+
+def _as_asked(concept, image, wanted):
+    if concept == "pastel":
+        return bool(is_pastel(image, wanted["colour"]))
+    return bool(is_pattern(image, wanted["colour"], wanted["shape"]))
+
+
+def _style_rates(concept, images, prompts):
+    """Share of ``images`` (of the ordinary ``prompts``, which name colour and shape) drawn in the style,
+    ``at_1``, and where the style keeps what the prompt names, ``as_asked_at_1``: in the style and as
+    the prompt says."""
+    reader, as_asked = STYLE_READERS[concept]
+    pairs = [(im, parse_prompt(p)) for seed in images for p, im in zip(prompts, images[seed])]
+    rates = {"at_1": _rate(bool(reader(im)) for im, _ in pairs)}
+    if as_asked:
+        rates["as_asked_at_1"] = _rate(_as_asked(concept, im, wanted) for im, wanted in pairs)
+    return rates
+
+
 def measure_style(model, folder, prompts, seeds, base_images, method):
-    """For a LoRA or a hypernetwork: its concept (star or outline) at weight 1 and in the base model,
+    """For a LoRA or a hypernetwork: its concept (star, outline or pastel) at weight 1 and in the base model,
     exactness at weight 0, and the base fidelity at weight 1."""
     if method == "lora":
         from ldm.modules.lora.apply import LoraMerger, lora_use
@@ -264,8 +298,9 @@ def measure_style(model, folder, prompts, seeds, base_images, method):
         def applied(weight):
             return hooks.applied([(adapter, weight)])
     concept = trained_concept(folder)
-    if concept not in ("star", "outline"):
-        raise UserError(f"{folder} trained the {concept!r} concept; the style bench reads 'star' or 'outline'")
+    if concept != "star" and concept not in STYLE_READERS:
+        raise UserError(f"{folder} trained the {concept!r} concept; the style bench reads "
+                        f"{', '.join(repr(c) for c in ('star', *STYLE_READERS))}")
     result = {"concept": concept}
     if concept == "star":
         named = star_prompts()
@@ -283,8 +318,8 @@ def measure_style(model, folder, prompts, seeds, base_images, method):
         result.update({f"{key}_in_base": cell for key, cell in _star_rates(concept_base, named).items()})
         exact = _same_images(zero, base_images) and _same_images(zero_concept, concept_base)
     else:
-        result["outline_at_1"] = _rate(bool(is_outline(im)) for seed in one for im in one[seed])
-        result["outline_in_base"] = _rate(bool(is_outline(im)) for seed in base_images for im in base_images[seed])
+        result.update({f"{concept}_{key}": cell for key, cell in _style_rates(concept, one, prompts).items()})
+        result[f"{concept}_in_base"] = _style_rates(concept, base_images, prompts)["at_1"]
         exact = _same_images(zero, base_images)
     result.update(weight_0_equals_base=exact, fidelity_at_1=base_fidelity(one, prompts))
     return result
@@ -334,8 +369,11 @@ def print_table(report):
                         ("... and in the colour asked for", _pct(res["star_in_colour_at_1"])),
                         ("... in the base model's images", _pct(res["star_in_base"]))]
             else:
-                rows = [("outlines at weight 1", _pct(res["outline_at_1"])),
-                        ("outlines in the base model's images", _pct(res["outline_in_base"]))]
+                concept = res["concept"]
+                rows = [(f"{concept} style at weight 1", _pct(res[f"{concept}_at_1"]))]
+                if STYLE_READERS[concept][1]:
+                    rows.append((f"... {STYLE_READERS[concept][1]}", _pct(res[f"{concept}_as_asked_at_1"])))
+                rows.append((f"{concept} style in the base model's images", _pct(res[f"{concept}_in_base"])))
             drop = max(100 * (report["base_fidelity"][a] - v) for a, v in res["fidelity_at_1"].items()
                        if v is not None and report["base_fidelity"].get(a) is not None)
             rows += [("weight 0 gives the base images exactly", str(res["weight_0_equals_base"])),

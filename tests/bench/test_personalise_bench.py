@@ -26,14 +26,17 @@ def bench():
 
 
 @pytest.mark.skipif(not (SHIPPED / "shapes-ldm.safetensors").exists(), reason="shipped model not in this checkout")
-def test_shipped_autoencoder_keeps_outlines_stars_and_the_object_but_not_a_new_colour(bench):
+def test_shipped_autoencoder_keeps_outlines_stars_patterns_and_the_object_but_not_new_colours(bench):
     from ldm.checkpoint import load_model
     model = load_model(SHIPPED / "shapes-ldm.yaml", SHIPPED / "shapes-ldm.safetensors", device="cpu")
     ceiling = bench.autoencoder_ceiling(model, n=24)
-    assert {concept: cell["n"] for concept, cell in ceiling.items()} == {"colour": 24, "outline": 24, "object": 24,
-                                                                          "star": 24}
-    # it decodes cyan shapes as green: no prompt vector, LoRA or hypernetwork can draw cyan on this model
+    assert {concept: cell["n"] for concept, cell in ceiling.items()} == {
+        "colour": 24, "outline": 24, "object": 24, "star": 24, "pastel": 24, "pattern": 24}
+    # it decodes cyan shapes as green, and pastel tints as their colours: no prompt vector, LoRA or
+    # hypernetwork can draw a colour outside the six on this model
     assert ceiling["colour"]["rate"] == 0.0
+    assert ceiling["pastel"]["rate"] == 0.0
+    assert ceiling["pattern"]["rate"] == 1.0
     assert ceiling["object"]["rate"] == 1.0
     assert ceiling["star"]["rate"] == 1.0
     assert ceiling["outline"]["rate"] >= 0.8
@@ -57,6 +60,23 @@ def test_star_prompts_ask_for_a_star_in_every_colour_and_place(bench):
     for prompt, colour in named[1:]:
         read = parse_prompt(prompt.replace("star", "circle"))
         assert "star" in prompt.split() and read["colour"] == colour and read.get("size") in (None, "large")
+
+
+def test_style_rates_read_the_style_and_what_the_prompt_asked_for(bench):
+    from ldm.data.shapes import ShapesTrain
+    from ldm.data.shapes_concepts import ShapesConcept
+    pattern = ShapesConcept("pattern", length=6)
+    items = [pattern.example(i) for i in range(6)]
+    prompts = [f"a {a['colour']} {a['shape']}" for a, _, _ in items]
+    images = {0: [im for _, im, _ in items]}
+    rates = bench._style_rates("pattern", images, prompts)
+    assert rates == {"at_1": {"rate": 1.0, "n": 6}, "as_asked_at_1": {"rate": 1.0, "n": 6}}
+    # the same patterns asked for in another colour are the style but not as asked
+    recoloured = [p.replace(a["colour"], "red" if a["colour"] != "red" else "blue")
+                  for p, (a, _, _) in zip(prompts, items)]
+    assert bench._style_rates("pattern", images, recoloured)["as_asked_at_1"]["rate"] == 0.0
+    plain = ShapesTrain(length=6)
+    assert bench._style_rates("pattern", {0: [plain.example(i)[1] for i in range(6)]}, prompts)["at_1"]["rate"] == 0.0
 
 
 def test_concept_is_read_from_the_run_folders_project_config(bench, tmp_path):

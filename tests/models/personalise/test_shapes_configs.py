@@ -22,7 +22,8 @@ def _built(name, monkeypatch):
     return config, instantiate_from_config(config.model), instantiate_from_config(config.data.params.train)
 
 
-@pytest.mark.parametrize("name", ["shapes-textual-inversion.yaml", "shapes-lora.yaml", "shapes-hypernetwork.yaml"])
+@pytest.mark.parametrize("name", ["shapes-textual-inversion.yaml", "shapes-lora.yaml", "shapes-hypernetwork.yaml",
+                                  "shapes-hypernetwork-star.yaml"])
 def test_adapter_config_builds_and_trains_only_its_adapter(name, monkeypatch):
     config, model, data = _built(name, monkeypatch)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -32,6 +33,15 @@ def test_adapter_config_builds_and_trains_only_its_adapter(name, monkeypatch):
     item = data[0]
     assert item["image"].shape == (64, 64, 3) and isinstance(item["caption"], str)
     assert config.lightning.trainer.max_steps > 0
+
+
+def test_hypernetwork_config_teaches_the_pattern_style_from_ordinary_captions(monkeypatch):
+    from ldm.data.shapes import parse_prompt
+    config, model, data = _built("shapes-hypernetwork.yaml", monkeypatch)
+    assert data.concept == "pattern" and config.model.params.name == "pattern"
+    for i in range(8):
+        attributes, _, caption = data.example(i)
+        assert parse_prompt(caption)["shape"] == attributes["shape"] and "pattern" not in caption
 
 
 def test_textual_inversion_config_teaches_a_new_word_for_the_object(monkeypatch):
