@@ -20,14 +20,14 @@ its own.
    the images as saved ((x + 1) / 2 clamped to [0, 1]).
 2. Tiling: an untiled decode at --native (768 px: the largest size "auto" leaves untiled), and
    decode of a --large latent (1024 px) untiled and tiled (ldm.models.tiled_vae, default
-   tiling), and diffusers' own tiled decode; peak RSS, time, and PSNR against our untiled decode.
+   tiling, and with GroupNorm statistics from a shrunk preview run), and diffusers' own tiled decode; peak RSS, time, and PSNR against our untiled decode.
    At --size, tiled with half-size tiles, so that there are seams to measure. Encode of a
    --large image untiled and tiled: the latents' difference.
 3. sweep (not run by default): other tile sizes and overlaps, and tiles with their own GroupNorm statistics
    instead of the whole image's, at --large.
 4. The shipped shapes VAE (trained, so its statistics are those of real images): a 256 px mosaic
-   of 16 shape images decoded untiled and with 128 px tiles, whole-image or per-tile GroupNorm
-   statistics.
+   of 16 shape images decoded untiled and with 128 and 64 px tiles; GroupNorm statistics of the whole
+   image (two passes), of a shrunk preview, or per tile.
 """
 import argparse
 import functools
@@ -169,8 +169,8 @@ def loaded_allocator():
 def tiling_from(spec):
     from ldm.models.tiled_vae import Tiling
 
-    tile, overlap, image_norms = spec
-    return Tiling(tile, overlap, bool(image_norms))
+    tile, overlap, image_norms, *preview = spec
+    return Tiling(tile, overlap, bool(image_norms), bool(preview and preview[0]))
 
 
 def make_call(model, impl, job, autocast, dtype):
@@ -326,6 +326,7 @@ def tiling_runs(args, params, paths, workdir, impls, tiling):
     native = run(dict(base, input=paths["latent_native"]), f"decode-{args.native}-auto-limit")
     untiled = run(large, f"decode-{args.large}-untiled")
     rows = [native, untiled, run(large, f"decode-{args.large}-tiled", tiling, untiled),
+            run(large, f"decode-{args.large}-tiled-preview-norms", (*tiling[:2], True, True), untiled),
             # as sampling runs it on a CPU with native bfloat16 (full-size models autocast to bfloat16)
             run(dict(large, levers=["bf16_autocast", "channels_last_input"]),
                 f"decode-{args.large}-tiled-bf16-channels_last", tiling, untiled)]
@@ -344,7 +345,8 @@ def spec_label(spec):
     """tile/overlap px and whose GroupNorm statistics, or "untiled"."""
     if spec is None:
         return "untiled"
-    return f"{spec[0]}/{spec[1]}" + (" image norms" if spec[2] else " tile norms")
+    norms = "preview norms" if spec[2] and len(spec) > 3 and spec[3] else "image norms" if spec[2] else "tile norms"
+    return f"{spec[0]}/{spec[1]} {norms}"
 
 
 def sweep_runs(args, params, paths, workdir, tiling_rows):
@@ -378,10 +380,9 @@ def shipped_vae_seams():
         z = vae.encode(x).mode()
         untiled = vae.decode(z)
         for tile, overlap in ((128, 32), (64, 32)):
-            for image_norms in (True, False):
-                tiling = tiled_vae.Tiling(tile, overlap, image_norms)
-                tiled = tiled_vae.tiled_decode(vae, z, tiling)
-                rows.append({"tiling": spec_label((tile, overlap, image_norms)), "image": "256 px mosaic",
+            for spec in ((tile, overlap, True), (tile, overlap, True, True), (tile, overlap, False)):
+                tiled = tiled_vae.tiled_decode(vae, z, tiling_from(spec))
+                rows.append({"tiling": spec_label(spec), "image": "256 px mosaic",
                              "psnr_db": image_psnr(tiled, untiled)})
     return rows
 

@@ -46,10 +46,12 @@ def test_smoke_run_writes_every_table(bench, monkeypatch, tmp_path, capsys):
     assert layout["max_abs_diff"] < 1e-3 and layout["vs"] == "ours-fp32"
     assert report["speed"][2]["path"] in ("fp32 fallback", "native bf16")
     names = [r["name"] for r in report["tiling"]]
-    assert names == ["decode-64-auto-limit", "decode-128-untiled", "decode-128-tiled", "decode-128-tiled-bf16-channels_last", "decode-64-untiled", "decode-64-tiled-32px",
+    assert names == ["decode-64-auto-limit", "decode-128-untiled", "decode-128-tiled", "decode-128-tiled-preview-norms",
+                     "decode-128-tiled-bf16-channels_last", "decode-64-untiled", "decode-64-tiled-32px",
                      "encode-128-untiled", "encode-128-tiled"]
-    tiled = report["tiling"][2]
+    tiled, preview = report["tiling"][2:4]
     assert tiled["tiling"] == "64/32 image norms" and tiled["psnr_db"] > 0 and tiled["peak_rss_gb"] > 0
+    assert preview["tiling"] == "64/32 preview norms" and preview["psnr_db"] > 0
     assert report["tiling"][-1]["rel_rmse"] >= 0
     assert all("output" not in r for r in report["speed"] + report["tiling"])
     printed = capsys.readouterr().out
