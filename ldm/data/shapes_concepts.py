@@ -22,7 +22,8 @@ Seven concepts, each drawn by :class:`ShapesConcept` and read back from pixels h
   textual-inversion embedding of an object learns (colour, shape and size in one new word).
 
 The readers use :func:`ldm.data.shapes_describe.measure` and only widen its palette or its shapes, look
-at the shape's inside or read each quarter of a pattern as one shape, so :func:`describe` itself and the fidelity numbers stay as they are.
+at the shape's inside or read each quarter of a pattern as one shape, so :func:`describe` itself and the
+fidelity numbers stay as they are.
 """
 import numpy as np
 import torch
@@ -90,8 +91,8 @@ class ShapesConcept(torch.utils.data.Dataset):
 
     ``word``: the trigger word in captions (``colour``: the colour's place, default "cyan";
     ``instance``: before the class noun, default "sks"; ``object``: in the noun's place, default "zwx";
-    ``star``: the shape's name, default "star"; ``outline`` and ``pastel`` captions have none unless given,
-    then it is appended as ", <word>"). ``colour_rgb`` overrides the concept colour.
+    ``star``: the shape's name, default "star"; ``outline``, ``pastel`` and ``pattern`` captions have none
+    unless given, then it is appended as ", <word>"). ``colour_rgb`` overrides the concept colour.
     """
 
     def __init__(self, concept="colour", word=None, length=32, size=64, seed=0, colour_rgb=None,
@@ -289,9 +290,11 @@ __all__ = [
     "concept_colour",
     "is_outline",
     "is_pastel",
+    "is_pattern",
     "outline_share",
     "pastel_colour",
     "pastel_rgb",
+    "pattern_copies",
     "read_shape",
     "reads_as_instance",
 ]

@@ -18,9 +18,9 @@ numbers behind the defaults):
   ``image_norms`` a first pass over the tiles gathers every GroupNorm's statistics over the whole
   image (each position weighted by its blend weight, so it counts once) and the second pass uses
   them in every tile, as the untiled network would (twice the tile work); with ``preview_norms``
-  the statistics come instead from one untiled run on the input shrunk to fit a tile (A1111's
-  Tiled VAE estimates them the same way), a quarter of the work for a 1024px image, at the cost
-  of statistics that are estimates;
+  the statistics come instead from one untiled run on the input shrunk to fit a tile (the Tiled
+  VAE extension for A1111 estimates them from a downscaled copy in its fast mode), a quarter of
+  the work for a 1024px image, at the cost of statistics that are estimates;
 - convolutions see zero padding at the tile's border, which spoils the output a few dozen pixels
   in: the linear ramps give a tile's border little weight (giving its outer quarter of each
   overlap no weight at all measured no better).
