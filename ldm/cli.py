@@ -168,6 +168,10 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
     add("--vae-tiling", choices=["auto", "on", "off"], default="auto",
         help="decode (and encode) the image in overlapping 512px tiles, so large images need the "
              "memory of a 512px one (auto: only images larger than 768x768)")
+    add("--vae-tiling-stats", choices=["image", "preview"], default="image",
+        help="GroupNorm statistics of the tiles: of the whole image, from a first pass over every tile, or "
+             "estimated from one run on the image shrunk to a tile (preview: half the time, statistics "
+             "estimated; bench/README.md)")
     add_speedup_args(parser)
     if size:
         for flag, side in (("--H", "height"), ("--W", "width")):
@@ -348,7 +352,7 @@ def generation_kwargs(args):
                 n_samples=args.n_samples, n_iter=args.n_iter, precision=args.precision, bf16=args.bf16,
                 emphasis=args.emphasis, truncate=args.truncate_prompts, clip_skip=args.clip_skip,
                 timestep_spacing=args.spacing, guidance_rescale=args.guidance_rescale,
-                vae_tiling=args.vae_tiling, **speedup_kwargs(args))
+                vae_tiling=args.vae_tiling, vae_tiling_stats=args.vae_tiling_stats, **speedup_kwargs(args))
 
 
 def speedup_kwargs(args):
@@ -368,6 +372,7 @@ def image_parameters(args, **extra):
                 lora_hashes=getattr(args, "lora_hashes", None), hypernet=getattr(args, "hypernet", None),
                 hypernet_hash=getattr(args, "hypernet_hash", None),
                 hypernet_strength=getattr(args, "hypernet_strength", None), vae_tiling=args.vae_tiling,
+                vae_tiling_stats=args.vae_tiling_stats if args.vae_tiling_stats != "image" else None,
                 **recorded_settings(**speedup_kwargs(args)), **extra)
 
 

@@ -32,6 +32,7 @@ PARAMETER_FIELDS = (("Steps", "steps"), ("Sampler", "sampler"), ("Schedule type"
                     ("Eta", "eta"), ("Timestep spacing", "spacing"), ("CFG Rescale phi", "guidance_rescale"),
                     ("Denoising strength", "strength"), ("Noise level", "noise_level"),
                     ("Lora hashes", "lora_hashes"), ("VAE tiling", "vae_tiling"),
+                    ("VAE tiling stats", "vae_tiling_stats"),
                     ("DeepCache", "deepcache"), ("DeepCache depth", "deepcache_depth"),
                     ("Token merging ratio", "tome"), ("Int8", "int8"))
 # ControlNet units: params["controlnet"] = ["Module: canny, Model: ..., Weight: 1, ...", ...], written as

@@ -248,15 +248,20 @@ def test_vae_tiling_reaches_the_decode_and_the_png(scripts, tiny_files, tmp_path
     original = tiled_vae.decode
 
     def recording(autoencoder, z, mode="off", tiling=tiled_vae.Tiling(), channels_last=False):
-        seen.append((mode, channels_last))
+        seen.append((mode, channels_last, tiling.preview_norms))
         return original(autoencoder, z, mode, tiling, channels_last)
     monkeypatch.setattr(tiled_vae, "decode", recording)
     common = [*scripts.model_flags(tiny_files), "--steps", "1", "--n_samples", "1", "--skip_grid"]
     assert scripts.load("txt2img").main([*common, "--vae-tiling", "on", "--outdir", str(tmp_path / "on")]) == 0
     assert scripts.load("txt2img").main([*common, "--outdir", str(tmp_path / "auto")]) == 0
-    assert seen == [("on", True), ("auto", True)]
+    assert scripts.load("txt2img").main([*common, "--vae-tiling", "on", "--vae-tiling-stats", "preview",
+                                         "--outdir", str(tmp_path / "preview")]) == 0
+    assert seen == [("on", True, False), ("auto", True, False), ("on", True, True)]
     assert read_parameters(tmp_path / "on" / "samples" / "00000.png")["vae_tiling"] == "on"
     assert read_parameters(tmp_path / "auto" / "samples" / "00000.png")["vae_tiling"] == "auto"
+    # the default statistics are not written; the estimated ones are
+    assert "vae_tiling_stats" not in read_parameters(tmp_path / "on" / "samples" / "00000.png")
+    assert read_parameters(tmp_path / "preview" / "samples" / "00000.png")["vae_tiling_stats"] == "preview"
 
 
 def test_library_refuses_an_unknown_vae_tiling(tiny_model):
@@ -264,6 +269,8 @@ def test_library_refuses_an_unknown_vae_tiling(tiny_model):
     from ldm.generate import txt2img
     with pytest.raises(UserError, match="VAE tiling 'always' is unknown; use auto, on, off"):
         txt2img(tiny_model, "a red circle", steps=1, n_samples=1, vae_tiling="always", progress=False)
+    with pytest.raises(UserError, match="VAE tiling statistics 'tile' are unknown; use image, preview"):
+        txt2img(tiny_model, "a red circle", steps=1, n_samples=1, vae_tiling_stats="tile", progress=False)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -41,6 +41,8 @@ from ldm.errors import UserError
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 MODES = ("auto", "on", "off")
+# where the tiles' GroupNorm statistics come from: the whole image (a first pass over the tiles) or a preview
+STATS = ("image", "preview")
 # A tile's side and the overlap of neighbouring tiles, in image pixels (divided by the latent
 # factor in latent space). A 512 px tile peaks as a 512x512 decode does; see bench/README.md
 # for the overlap.
@@ -77,6 +79,17 @@ def check_mode(mode):
     if mode not in MODES:
         raise UserError(f"VAE tiling '{mode}' is unknown; use {', '.join(MODES)}")
     return mode
+
+
+def check_stats(stats):
+    if stats not in STATS:
+        raise UserError(f"VAE tiling statistics '{stats}' are unknown; use {', '.join(STATS)}")
+    return stats
+
+
+def tiling_for(stats):
+    """The default :class:`Tiling` with GroupNorm statistics of the whole image or of a preview."""
+    return Tiling(preview_norms=check_stats(stats) == "preview")
 
 
 def tiles_image(mode, height, width):
@@ -298,16 +311,19 @@ def encode(autoencoder, x, mode="off", tiling=Tiling(), channels_last=False):
 
 
 @contextmanager
-def first_stage_settings(model, tiling, channels_last):
-    """Set ``model.first_stage_tiling`` and ``model.first_stage_channels_last`` (read by
-    LatentDiffusion's decode/encode_first_stage) for a block; a model without them is left as it is."""
+def first_stage_settings(model, tiling, channels_last, stats="image"):
+    """Set ``model.first_stage_tiling``, ``first_stage_tiling_stats`` and ``first_stage_channels_last``
+    (read by LatentDiffusion's decode/encode_first_stage) for a block; a model without them is left as
+    it is."""
     check_mode(tiling)
+    check_stats(stats)
     if not hasattr(model, "first_stage_tiling"):
         yield model
         return
-    previous = model.first_stage_tiling, model.first_stage_channels_last
-    model.first_stage_tiling, model.first_stage_channels_last = tiling, channels_last
+    previous = model.first_stage_tiling, model.first_stage_tiling_stats, model.first_stage_channels_last
+    model.first_stage_tiling, model.first_stage_tiling_stats, model.first_stage_channels_last = \
+        tiling, stats, channels_last
     try:
         yield model
     finally:
-        model.first_stage_tiling, model.first_stage_channels_last = previous
+        model.first_stage_tiling, model.first_stage_tiling_stats, model.first_stage_channels_last = previous

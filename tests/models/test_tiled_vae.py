@@ -166,13 +166,17 @@ def test_channels_last_decode_and_encode_match_and_return_the_usual_layout(vae):
 
 def test_latent_diffusion_uses_the_settings_and_restores_them(tiny_model, monkeypatch):
     seen = []
-    monkeypatch.setattr(tiled_vae, "tiled_decode", lambda vae, z, tiling=None: seen.append(z.shape) or vae.decode(z))
+    monkeypatch.setattr(tiled_vae, "tiled_decode",
+                        lambda vae, z, tiling=None: seen.append((z.shape, tiling.preview_norms)) or vae.decode(z))
     z = torch.randn(1, 4, 8, 8)
     assert (tiny_model.first_stage_tiling, tiny_model.first_stage_channels_last) == ("off", False)
     with tiled_vae.first_stage_settings(tiny_model, "on", channels_last=True):
         assert tiny_model.first_stage_channels_last
         tiny_model.decode_first_stage(z)
-    assert seen == [z.shape]
-    assert (tiny_model.first_stage_tiling, tiny_model.first_stage_channels_last) == ("off", False)
+    with tiled_vae.first_stage_settings(tiny_model, "on", channels_last=False, stats="preview"):
+        tiny_model.decode_first_stage(z)
+    assert seen == [(z.shape, False), (z.shape, True)]
+    assert (tiny_model.first_stage_tiling, tiny_model.first_stage_tiling_stats,
+            tiny_model.first_stage_channels_last) == ("off", "image", False)
     tiny_model.decode_first_stage(z)
-    assert len(seen) == 1
+    assert len(seen) == 2

@@ -27,6 +27,7 @@ class LatentDiffusion(DDPM):
     # the channels_last layout (see ldm.models.tiled_vae). Sampling sets both for a run
     # (tiled_vae.first_stage_settings); the model's own default is the plain official computation.
     first_stage_tiling = "off"
+    first_stage_tiling_stats = "image"
     first_stage_channels_last = False
 
     def __init__(self, first_stage_config, cond_stage_config, num_timesteps_cond=None, cond_stage_key="image",
@@ -118,11 +119,13 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def encode_first_stage(self, x):
         return tiled_vae.encode(self.first_stage_model, x, self.first_stage_tiling,
+                                tiled_vae.tiling_for(self.first_stage_tiling_stats),
                                 channels_last=self.first_stage_channels_last)
 
     @torch.no_grad()
     def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
         return tiled_vae.decode(self.first_stage_model, z / self.scale_factor, self.first_stage_tiling,
+                                tiled_vae.tiling_for(self.first_stage_tiling_stats),
                                 channels_last=self.first_stage_channels_last)
 
     def differentiable_decode_first_stage(self, z):
