@@ -1,26 +1,15 @@
 """bench/approx_speedups.py --smoke end to end on the tiny-width SD 2.x model and the shipped model (the fields of
 its JSON, not its numbers: those belong to the benchmark)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from ldm.errors import UserError
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture
-def bench(monkeypatch, tmp_path):
-    """bench/approx_speedups.py imported as ``python bench/approx_speedups.py`` would (bench/ on sys.path)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_approx_speedups", BENCH / "approx_speedups.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys.modules["_results"], "RESULTS", tmp_path / "results")
-    return module
+def bench(load_bench):
+    return load_bench("approx_speedups")
 
 
 def test_smoke_run_writes_every_variant_of_both_subjects(bench, tmp_path, capsys):

@@ -1,27 +1,16 @@
 """bench/bf16x3_layers.py: the split's arithmetic (float32-accurate where plain bfloat16 is not), a --smoke run's
 JSON fields, and an existing --out refused."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the split uses oneDNN's fused ops")
 
 
 @pytest.fixture
-def bench(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_bf16x3", BENCH / "bf16x3_layers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys.modules["_results"], "RESULTS", tmp_path / "results")
-    return module
+def bench(load_bench):
+    return load_bench("bf16x3_layers")
 
 
 @pytest.mark.parametrize("kind, shape", [("conv", (24, 40, 3, 1, 12)), ("conv", (24, 16, 3, 2, 12)),

@@ -1,26 +1,13 @@
 """bench/load.py: a --smoke run end to end (fields of the JSON, not its numbers: those belong to the
 benchmark), and an existing --out refused before any work."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-
 
 @pytest.fixture
-def bench_load(monkeypatch, tmp_path):
-    """bench/load.py imported as ``python bench/load.py`` would (bench/ on sys.path), writing new
-    results under ``tmp_path / "results"``."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_load", BENCH / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys.modules["_results"], "RESULTS", tmp_path / "results")
-    return module
+def bench_load(load_bench):
+    return load_bench("load")
 
 
 def test_refuses_an_existing_out_before_writing_a_checkpoint(bench_load, tmp_path, capsys):

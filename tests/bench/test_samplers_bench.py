@@ -1,26 +1,13 @@
 """bench/samplers.py: which runs it makes, and a --smoke run end to end on the tiny model and the
 tiny-width SD 2.x U-Net (fields of the JSON, not its numbers: those belong to the benchmark)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-
 
 @pytest.fixture
-def bench_samplers(monkeypatch, tmp_path):
-    """bench/samplers.py imported as ``python bench/samplers.py`` would (bench/ on sys.path),
-    writing new results under ``tmp_path / "results"``."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_samplers", BENCH / "samplers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys.modules["_results"], "RESULTS", tmp_path / "results")
-    return module
+def bench_samplers(load_bench):
+    return load_bench("samplers")
 
 
 ROW_FIELDS = {"sampler", "label", "schedule", "schedule_label", "steps", "stochastic", "image_rmse", "psnr_db",

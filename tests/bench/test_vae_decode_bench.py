@@ -4,24 +4,14 @@ import contextlib
 import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-
 
 @pytest.fixture
-def bench(monkeypatch, tmp_path):
-    """bench/vae_decode.py imported as ``python bench/vae_decode.py`` would (bench/ on sys.path)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_vae_decode", BENCH / "vae_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys.modules["_results"], "RESULTS", tmp_path / "results")
-    return module
+def bench(load_bench):
+    return load_bench("vae_decode")
 
 
 def in_process(bench):
