@@ -25,7 +25,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -216,8 +218,7 @@ def autoencoder_ceiling(model, n=CEILING_IMAGES):
     readers = {"colour": lambda im, _: concept_colour(im) == "cyan", "outline": lambda im, _: bool(is_outline(im)),
                "object": lambda im, a: reads_as_instance(im, {k: a[k] for k in ("position", "background")}),
                "star": lambda im, a: read_shape(im) == "star" and concept_colour(im) == a["colour"],
-               "pastel": lambda im, a: bool(is_pastel(im, a["colour"])),
-               "pattern": lambda im, a: bool(is_pattern(im, a["colour"], a["shape"]))}
+               **{concept: STYLES[concept].reads_as_asked for concept in ("pastel", "pattern")}}
     ceiling = {}
     for concept, reads in readers.items():
         data = ShapesConcept(concept, length=n)
@@ -226,7 +227,7 @@ def autoencoder_ceiling(model, n=CEILING_IMAGES):
         with torch.inference_mode():
             decoded = model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(x).mode()))
         images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        ceiling[concept] = _rate(reads(im, a) for im, a in zip(images, attributes))
+        ceiling[concept] = _rate(bool(reads(im, a)) for im, a in zip(images, attributes))
     return ceiling
 
 
@@ -253,35 +254,36 @@ def _star_rates(images, named):
             "star_in_colour": _rate(shape == "star" and seen == colour for shape, seen, colour in shapes if colour)}
 
 
-# per style concept: its reader, and what "as asked" checks beyond the style (None: nothing) in the
-# attributes an ordinary prompt names
-STYLE_READERS = {
-    "outline": (is_outline, None),
-    "pastel": (is_pastel, "the tint of the colour asked for"),
-    "pattern": (is_pattern, "each copy the colour and shape asked for"),
+class Style(NamedTuple):
+    """How the bench reads a style concept: ``reads(image)``, whether the image is in the style, and, for a
+    style that keeps what the prompt names, ``reads_as_asked(image, attributes)`` with its ``as_asked`` label."""
+    reads: Callable
+    as_asked: str | None = None
+    reads_as_asked: Callable | None = None
+
+
+STYLES = {
+    "outline": Style(is_outline),
+    "pastel": Style(is_pastel, "the tint of the colour asked for", lambda im, a: is_pastel(im, a["colour"])),
+    "pattern": Style(is_pattern, "each copy the colour and shape asked for",
+                     lambda im, a: is_pattern(im, a["colour"], a["shape"])),
 }
 
 
-def _as_asked(concept, image, wanted):
-    if concept == "pastel":
-        return bool(is_pastel(image, wanted["colour"]))
-    return bool(is_pattern(image, wanted["colour"], wanted["shape"]))
-
-
-def _style_rates(concept, images, prompts):
+def _style_rates(concept, images, prompts, as_asked=True):
     """Share of ``images`` (of the ordinary ``prompts``, which name colour and shape) drawn in the style,
-    ``at_1``, and where the style keeps what the prompt names, ``as_asked_at_1``: in the style and as
-    the prompt says."""
-    reader, as_asked = STYLE_READERS[concept]
+    ``at_1``, and (unless ``as_asked`` is false) where the style keeps what the prompt names,
+    ``as_asked_at_1``: in the style and as the prompt says."""
+    style = STYLES[concept]
     pairs = [(im, parse_prompt(p)) for seed in images for p, im in zip(prompts, images[seed])]
-    rates = {"at_1": _rate(bool(reader(im)) for im, _ in pairs)}
-    if as_asked:
-        rates["as_asked_at_1"] = _rate(_as_asked(concept, im, wanted) for im, wanted in pairs)
+    rates = {"at_1": _rate(bool(style.reads(im)) for im, _ in pairs)}
+    if as_asked and style.reads_as_asked is not None:
+        rates["as_asked_at_1"] = _rate(bool(style.reads_as_asked(im, wanted)) for im, wanted in pairs)
     return rates
 
 
 def measure_style(model, folder, prompts, seeds, base_images, method):
-    """For a LoRA or a hypernetwork: its concept (star, outline or pastel) at weight 1 and in the base model,
+    """For a LoRA or a hypernetwork: its concept (the star or one of STYLES) at weight 1 and in the base model,
     exactness at weight 0, and the base fidelity at weight 1."""
     if method == "lora":
         from ldm.modules.lora.apply import LoraMerger, lora_use
@@ -298,9 +300,9 @@ def measure_style(model, folder, prompts, seeds, base_images, method):
         def applied(weight):
             return hooks.applied([(adapter, weight)])
     concept = trained_concept(folder)
-    if concept != "star" and concept not in STYLE_READERS:
+    if concept != "star" and concept not in STYLES:
         raise UserError(f"{folder} trained the {concept!r} concept; the style bench reads "
-                        f"{', '.join(repr(c) for c in ('star', *STYLE_READERS))}")
+                        f"{', '.join(repr(c) for c in ('star', *STYLES))}")
     result = {"concept": concept}
     if concept == "star":
         named = star_prompts()
@@ -319,7 +321,7 @@ def measure_style(model, folder, prompts, seeds, base_images, method):
         exact = _same_images(zero, base_images) and _same_images(zero_concept, concept_base)
     else:
         result.update({f"{concept}_{key}": cell for key, cell in _style_rates(concept, one, prompts).items()})
-        result[f"{concept}_in_base"] = _style_rates(concept, base_images, prompts)["at_1"]
+        result[f"{concept}_in_base"] = _style_rates(concept, base_images, prompts, as_asked=False)["at_1"]
         exact = _same_images(zero, base_images)
     result.update(weight_0_equals_base=exact, fidelity_at_1=base_fidelity(one, prompts))
     return result
@@ -371,8 +373,8 @@ def print_table(report):
             else:
                 concept = res["concept"]
                 rows = [(f"{concept} style at weight 1", _pct(res[f"{concept}_at_1"]))]
-                if STYLE_READERS[concept][1]:
-                    rows.append((f"... {STYLE_READERS[concept][1]}", _pct(res[f"{concept}_as_asked_at_1"])))
+                if STYLES[concept].as_asked:
+                    rows.append((f"... {STYLES[concept].as_asked}", _pct(res[f"{concept}_as_asked_at_1"])))
                 rows.append((f"{concept} style in the base model's images", _pct(res[f"{concept}_in_base"])))
             drop = max(100 * (report["base_fidelity"][a] - v) for a, v in res["fidelity_at_1"].items()
                        if v is not None and report["base_fidelity"].get(a) is not None)

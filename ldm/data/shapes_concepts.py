@@ -204,7 +204,10 @@ def pattern_copies(image):
     """The four copies of a 2x2 pattern in ``image``, each as ``(colour, shape)`` read from its quarter of
     the image (enlarged to the full side, where :func:`read_shape` reads it as it reads one shape), in
     reading order; ``None`` when ``image`` is not four shapes of about one size, one in each quarter."""
-    drawn = drawn_pixels(image)
+    return _pattern_copies(image, drawn_pixels(image))
+
+
+def _pattern_copies(image, drawn):
     regions = [(size, centre) for size, centre in _components(drawn) if size >= MIN_SHAPE_PIXELS]
     if len(regions) != 4 or max(s for s, _ in regions) > 2 * min(s for s, _ in regions):
         return None
@@ -223,9 +226,10 @@ def pattern_copies(image):
 def is_pattern(image, colour=None, shape=None):
     """Whether ``image`` shows a 2x2 pattern of four copies (each in ``colour`` and read as ``shape`` when
     given); ``None`` when nothing stands out."""
-    if not drawn_pixels(image).any():
+    drawn = drawn_pixels(image)
+    if not drawn.any():
         return None
-    copies = pattern_copies(image)
+    copies = _pattern_copies(image, drawn)
     if copies is None:
         return False
     return all((colour is None or c == colour) and (shape is None or s == shape) for c, s in copies)
