@@ -23,7 +23,8 @@ environment), with the same weights: the parent process seeds our U-Net once (th
 output layers get random values too, or every output would be 0), writes it to a safetensors file in
 a temporary folder, and every worker loads it (diffusers' after diffusers' own key conversion).
 
-`--levers` adds fp32 rows of our U-Net with one speed lever each (`ldm.fast_inference`). Every row
+`--levers` adds fp32 rows of our U-Net with one speed lever each (`ldm.fast_inference`, or an allocator), or
+several joined by "+". Every row
 reports `rel err`: max |out - ref| / max |ref| against our eager fp32 output for the same input.
 """
 import argparse
@@ -184,14 +185,16 @@ def run_worker(args):
 
     params = unet_params(args.config, args.smoke)
     mode, _, lever = args.mode.partition("+")
+    levers = lever.split("+") if lever else []
     chosen, autocast_bf16, weights_bf16 = precision_path(mode, args.force_bf16)
     t0 = time.perf_counter()
     model = load_weights(args.impl, params, Path(args.workdir) / WEIGHTS_FILE)
     if weights_bf16:
         model = model.to(torch.bfloat16)
-    if lever and lever not in ALLOCATORS:
-        from ldm.fast_inference import apply_lever
-        apply_lever(model, lever)
+    for name in levers:
+        if name not in ALLOCATORS:
+            from ldm.fast_inference import apply_lever
+            apply_lever(model, name)
     build_s = time.perf_counter() - t0
     info = {"impl": args.impl, "mode": args.mode, "path": chosen.path,
             "cpu_capability": host_cpu().capability, "build_s": build_s,
@@ -199,7 +202,7 @@ def run_worker(args):
             "model_rss_gb": current_rss_gb(), "threads": torch.get_num_threads(), "rows": []}
     for size in sorted(args.sizes):
         step = make_step(model, args.impl, size, weights_bf16, params["context_dim"],
-                         channels_last=lever == "channels_last")
+                         channels_last="channels_last" in levers)
         flops = count_flops(step, autocast_bf16) if args.count_flops else None
         with torch.inference_mode(), precision_context(autocast_bf16):
             t0 = time.perf_counter()
@@ -237,9 +240,9 @@ def spawn_worker(args, impl, mode, count):
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--force-bf16"] if args.force_bf16 else []
     env = dict(os.environ)
-    lever = mode.partition("+")[2]
-    if lever in ALLOCATORS:
-        env["LD_PRELOAD"] = ALLOCATORS[lever]
+    for lever in mode.split("+")[1:]:
+        if lever in ALLOCATORS:
+            env["LD_PRELOAD"] = ALLOCATORS[lever]
     print(f"... {impl} {mode}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -286,10 +289,11 @@ def run_all(args):
                 + [f"{'bf16-autocast' if lever in BF16_LEVERS else 'fp32'}+{lever}" for lever in args.levers]
                 if "ours" in impls]
         runs += [(impl, mode) for impl in impls if impl != "ours" for mode in modes]
-        missing = [lever for lever in args.levers if lever in ALLOCATORS and not Path(ALLOCATORS[lever]).exists()]
+        missing = {name for lever in args.levers for name in lever.split("+")
+                   if name in ALLOCATORS and not Path(ALLOCATORS[name]).exists()}
         if missing:
-            notes.append(f"not installed, skipped: {', '.join(missing)}")
-            runs = [(impl, mode) for impl, mode in runs if mode.partition("+")[2] not in missing]
+            notes.append(f"not installed, skipped: {', '.join(sorted(missing))}")
+            runs = [(impl, mode) for impl, mode in runs if not missing & set(mode.split("+"))]
         results = run_workers(args, runs)
     return report_all(args, results, notes)
 
@@ -335,7 +339,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(MODES))
     p.add_argument("--impls", nargs="+", default=["ours", "diffusers"], choices=["ours", "diffusers"])
     p.add_argument("--levers", nargs="*", default=[], metavar="LEVER",
-                   help="also time our fp32 U-Net with each of these speed levers alone (ldm.fast_inference)")
+                   help="also time our fp32 U-Net with each of these speed levers alone (ldm.fast_inference), "
+                        "or several joined by '+' (winograd-all+tcmalloc)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per shape (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

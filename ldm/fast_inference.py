@@ -3,7 +3,10 @@
 bench/unet_step.py measures each alone against the plain model and diffusers (bench/README.md has
 what paid and what did not); the sampling scripts turn on the ones that paid.
 
-- ``winograd``: 3x3 convolutions on large CPU feature maps by F(4x4, 3x3) (``ldm.modules.winograd``).
+- ``winograd``: 3x3 convolutions on CPU feature maps by F(4x4, 3x3) (``ldm.modules.winograd``), caching at
+  most 1 GiB of transformed filters (the largest feature maps first).
+- ``winograd-all``: the same with every transformed filter cached (for the SD 2.x U-Net 8.7 GB beside its
+  3.5 GB of weights).
 - ``channels_last``: weights and activations in NHWC order, the layout oneDNN convolutions prefer.
 - ``compile``: ``torch.compile`` (inductor) of the whole network; the first call compiles (minutes on a
   small CPU), later processes reuse inductor's on-disk cache.
@@ -22,7 +25,7 @@ import torch
 
 from ldm.errors import UserError
 
-LEVERS = ("winograd", "channels_last", "compile", "compile-freezing", "attention-math", "attention-no-upcast",
+LEVERS = ("winograd", "winograd-all", "channels_last", "compile", "compile-freezing", "attention-math", "attention-no-upcast",
           "attention-upcast")
 
 
@@ -30,9 +33,9 @@ def apply_lever(model, name):
     """Turn lever ``name`` on for ``model`` (in place); returns ``model``."""
     if name not in LEVERS:
         raise UserError(f"unknown speed lever '{name}'; use one of {', '.join(LEVERS)}")
-    if name == "winograd":
+    if name.startswith("winograd"):
         from ldm.modules.winograd import use_winograd
-        use_winograd(model)
+        use_winograd(model, budget_bytes=1 << 30 if name == "winograd" else float("inf"))
     elif name == "channels_last":
         model.to(memory_format=torch.channels_last)
     elif name.startswith("attention-"):

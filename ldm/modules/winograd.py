@@ -9,15 +9,14 @@ transforms, which are cheap matrix products over the 36 tile positions.
 
 The result differs from the direct convolution by float32 rounding only (about 1e-5 of the output's
 largest value: the transforms have coefficients up to 8 and 1/24). The transformed filter takes 4x the
-memory of the filter, so it is cached only for convolutions that run at large feature maps (the
-first U-Net levels, where the gain is largest) and only up to a memory budget per model (past it,
-convolutions run directly); it is recomputed when the weight changes in place (a LoRA merged or
+memory of the filter and is cached (transforming it on every call costs more than it saves below 64x64
+maps), so a memory budget per model decides which convolutions use it, those at the largest feature maps
+first (past it, convolutions run directly); it is recomputed when the weight changes in place (a LoRA merged or
 restored).
 
     notation: d input tile 6x6, g filter 3x3, output tile y = A^T [(G g G^T) * (B^T d B)] A, 4x4
 """
 import types
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,49 +68,75 @@ def winograd_conv3x3(x, filter_tf, bias=None):
     return out
 
 
-@dataclass
-class _Budget:
-    """Bytes of transformed filters a model may still cache."""
-    left: int
-
-
 def _qualifies(conv):
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def _cached_filter_bytes(conv):
+    return conv.weight.numel() // 9 * WINDOW * WINDOW * conv.weight.element_size()
+
+
+class _Plan:
+    """Which of a model's convolutions may cache a transformed filter, decided once a whole forward has shown
+    the feature-map area each one runs at: largest area first (the time saved grows with the area, the bytes
+    held with the filter), smaller filter first on a tie, while ``budget_bytes`` lasts."""
+
+    def __init__(self, budget_bytes, min_pixels):
+        self.budget_bytes, self.min_pixels = budget_bytes, min_pixels
+        self.areas = {}
+        self.decided = False
+
+    def see(self, conv, x):
+        """Record ``conv``'s input; returns False while the plan is still being made (run directly)."""
+        if self.decided:
+            return True
+        if conv in self.areas:  # its second call: one whole forward has passed
+            self.decide()
+            return True
+        self.areas[conv] = x.shape[-2] * x.shape[-1] if x.dim() == 4 else 0
+        return False
+
+    def decide(self):
+        left = self.budget_bytes
+        ranked = sorted(self.areas.items(), key=lambda item: (-item[1], item[0].weight.numel()))
+        for conv, area in ranked:
+            size = _cached_filter_bytes(conv)
+            conv.winograd_cached = area >= self.min_pixels and size <= left
+            left -= size if conv.winograd_cached else 0
+        self.decided = True
+
+
 def _winograd_forward(conv, x):
-    use = (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-           and conv.weight.dtype == torch.float32 and x.shape[2] * x.shape[3] >= conv.winograd_min_pixels
+    if not conv.winograd_plan.see(conv, x):
+        return nn.Conv2d.forward(conv, x)
+    use = (conv.winograd_cached and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+           and conv.weight.dtype == torch.float32 and x.shape[2] * x.shape[3] >= conv.winograd_plan.min_pixels
            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))
     if not use:
         return nn.Conv2d.forward(conv, x)
     version = (conv.weight.data_ptr(), conv.weight._version)
     if conv.winograd_cache is None or conv.winograd_cache[0] != version:
-        size = 4 * conv.weight.numel() * conv.weight.element_size()
-        held = 0 if conv.winograd_cache is None else conv.winograd_cache[1].numel() * 4
-        if size > conv.winograd_budget.left + held:
-            return nn.Conv2d.forward(conv, x)
-        conv.winograd_budget.left += held - size
         conv.winograd_cache = (version, transform_filter(conv.weight))
     return winograd_conv3x3(x, conv.winograd_cache[1], conv.bias)
 
 
-def use_winograd(model, min_size=32, budget_bytes=1 << 30):
+def use_winograd(model, min_size=8, budget_bytes=1 << 30):
     """Run ``model``'s 3x3 stride-1 convolutions by F(4x4, 3x3) on float32 CPU inputs of at least
     ``min_size`` x ``min_size`` pixels (smaller ones, other devices and dtypes, and anything needing
-    gradients run ``nn.Conv2d`` as before), caching at most ``budget_bytes`` of transformed filters
-    (first come, first served; the rest run directly). Returns the number of convolutions switched.
-    The state dict is untouched; :func:`stop_winograd` undoes it."""
-    count, budget = 0, _Budget(budget_bytes)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and _qualifies(module):
-            module.winograd_min_pixels = min_size * min_size
-            module.winograd_budget = budget
-            module.winograd_cache = None
-            module.forward = types.MethodType(_winograd_forward, module)
-            count += 1
-    return count
+    gradients run ``nn.Conv2d`` as before). A transformed filter is 4x its filter and is cached, so at most
+    ``budget_bytes`` of them are held: the first forward runs directly and records the feature map each
+    convolution sees, and from the second on the budget goes to the largest maps first (:class:`_Plan`);
+    the convolutions left out run directly. Returns the number of convolutions switched. The state dict is
+    untouched; :func:`stop_winograd` undoes it."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _qualifies(m)]
+    plan = _Plan(budget_bytes, min_size * min_size)
+    for conv in convs:
+        conv.winograd_plan = plan
+        conv.winograd_cached = False
+        conv.winograd_cache = None
+        conv.forward = types.MethodType(_winograd_forward, conv)
+    return len(convs)
 
 
 def stop_winograd(model):

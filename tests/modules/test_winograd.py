@@ -43,6 +43,7 @@ def test_use_winograd_switches_only_3x3_stride_1_convolutions_above_the_size():
     with torch.no_grad():
         reference = net(x)
         assert use_winograd(net, min_size=16) == 2
+        assert torch.equal(net(x), reference)  # the first forward runs directly and plans the cache
         calls = []
         net[2].register_forward_hook(lambda *_: calls.append(net[2].winograd_cache is not None))
         out = net(x)
@@ -60,7 +61,8 @@ def test_winograd_follows_in_place_weight_changes_and_stops():
     use_winograd(net, min_size=1)
     x = torch.randn(1, 4, 12, 12)
     with torch.no_grad():
-        net(x)
+        net(x), net(x)
+        assert net[0].winograd_cache is not None
         net[0].weight.mul_(2.0)   # as a LoRA merge does
         changed = net(x)
         stop_winograd(net)
@@ -85,6 +87,23 @@ def test_winograd_cache_stays_within_its_budget():
     x = torch.randn(1, 4, 12, 12)
     with torch.no_grad():
         reference = small_net()(x)
+        net(x)
         out = net(x)
     assert net[0].winograd_cache is not None and net[2].winograd_cache is None  # over budget: direct
+    assert relative_error(reference, out) < 1e-5
+
+
+def test_winograd_budget_goes_to_the_largest_feature_maps_first():
+    torch.manual_seed(0)
+    # the small filter runs at 4x4, the large one at 16x16: the large one saves more per cached byte
+    net = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.Upsample(scale_factor=4), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        reference = net(x)
+        use_winograd(net, min_size=1, budget_bytes=4 * 16 * 16 * 9 * 4)
+        net(x)
+        assert not net[2].winograd_cached   # planning: nothing is cached during the first forward
+        out = net(x)
+    assert net[2].winograd_cached and not net[0].winograd_cached
+    assert net[2].winograd_cache is not None and net[0].winograd_cache is None
     assert relative_error(reference, out) < 1e-5
