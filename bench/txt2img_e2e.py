@@ -9,7 +9,8 @@ weights (zero-initialised layers too, so every layer does real work; fp32, offic
 `{"state_dict": ...}`) into a temporary folder, then runs the script in a child process once per
 setting (the default, which on a CPU with native bfloat16 is bfloat16 autocast for a model this
 size; the same with tcmalloc preloaded, `LD_PRELOAD`; and `--precision full --no-bf16`, plain
-float32) and records its wall time (load, text encoding, sampling, decoding, saving) and the
+float32; on request `--winograd 1` with tcmalloc, the exact levers that pay where the default is float32)
+and records its wall time (load, text encoding, sampling, decoding, saving) and the
 child's peak RSS. The target for peak RSS is 1.1x the fp32 weights' own size + 1.5 GB.
 
 The peer: diffusers has no single script for this work, so a worker times its components on the same
@@ -39,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 PROMPT = "a professional photograph of an astronaut riding a horse"
 # name: (flags, memory allocator preloaded into the child or None)
-RUNS = {"default": ([], None), "default+tcmalloc": ([], "tcmalloc"), "fp32": (["--precision", "full", "--no-bf16"], None)}
+RUNS = {"default": ([], None), "default+tcmalloc": ([], "tcmalloc"), "fp32": (["--precision", "full", "--no-bf16"], None),
+        "winograd+tcmalloc": (["--winograd", "1"], "tcmalloc")}
 
 
 def smoke_config(path):
@@ -228,7 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the children (0: default)")
     p.add_argument("--smoke", action="store_true", help="tiny widths, to check the script itself")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which of our runs")
+    p.add_argument("--runs", nargs="+", default=list(RUNS)[:3], choices=list(RUNS), help="which of our runs")
     add_out_arguments(p, "txt2img_e2e")
     p.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)

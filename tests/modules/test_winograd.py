@@ -107,3 +107,14 @@ def test_winograd_budget_goes_to_the_largest_feature_maps_first():
     assert net[2].winograd_cached and not net[0].winograd_cached
     assert net[2].winograd_cache is not None and net[0].winograd_cache is None
     assert relative_error(reference, out) < 1e-5
+
+
+def test_winograd_without_a_budget_needs_no_planning_forward():
+    net = small_net()
+    x = torch.randn(1, 4, 12, 12)
+    with torch.no_grad():
+        reference = net(x)
+        use_winograd(net, min_size=1, budget_bytes=float("inf"))
+        out = net(x)
+    assert net[0].winograd_cache is not None and net[2].winograd_cache is not None
+    assert relative_error(reference, out) < 1e-5
