@@ -53,6 +53,18 @@ def linear_split(x, w_hi, w3_neg):
     return y_hat.float().sub_(z.float())
 
 
+def fused_ops_supported():
+    """Whether oneDNN runs its fused bfloat16 ops here: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+    refuses on an AVX2-only CPU."""
+    x = torch.zeros(1, 2, dtype=BF16)
+    try:
+        torch.ops.mkldnn._linear_pointwise.binary(x, torch.zeros(1, 2, dtype=BF16), torch.zeros(2, 2, dtype=BF16),
+                                                  None, "add")
+    except RuntimeError:
+        return False
+    return True
+
+
 def median_ms(fn, repeats):
     fn()
     times = []
@@ -111,6 +123,10 @@ def main(argv=None):
         out = results_path(args.out, args.force, "bf16x3_layers")
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not fused_ops_supported():
+        print("error: oneDNN's fused bfloat16 ops need a CPU with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; "
+              "run this bench on one", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

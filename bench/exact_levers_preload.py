@@ -6,7 +6,7 @@
 
 check_vectors.py calls ``install(root)`` before it imports ``ldm``; the levers (``ldm.fast_inference``,
 default ``winograd``) are then applied by each model's constructor, before its weights are loaded.
-Winograd runs here at every feature-map size (the test models are small) with every filter cached, so
+Winograd runs here at every feature-map size and channel count (the test models are small) with every filter cached, so
 every 3x3 convolution of every check goes through it.
 """
 import os
@@ -25,7 +25,7 @@ def _with_levers(cls):
 
         for lever in LEVERS:
             if lever == "winograd":
-                use_winograd(self, min_size=1, budget_bytes=float("inf"))
+                use_winograd(self, min_size=1, budget_bytes=float("inf"), min_channels=1)
             else:
                 apply_lever(self, lever)
 

@@ -3,16 +3,17 @@
 A 4x4 block of outputs of a 3x3 convolution needs 144 multiplications per (input, output) channel pair
 done directly, and 36 in the Winograd domain: the 6x6 input tile and the 3x3 filter are transformed
 (``B^T d B``, ``G g G^T``), multiplied elementwise (summed over input channels, which makes it 36
-batched matrix products), and transformed back (``A^T m A``). On the CPU the U-Net's 3x3 convolutions
-at high resolution are compute-bound, so doing a quarter of the multiplications pays even after the
-transforms, which are cheap matrix products over the 36 tile positions.
+batched matrix products), and transformed back (``A^T m A``). Where the CPU's float32 convolutions are
+slow (AVX2 only: 55-140 GFLOP/s in oneDNN against 156 for a large matmul) that pays even after the
+transforms: 0.3-0.6x the time of the U-Net's convolutions with 256 or more channels, at every level
+(bench/README.md); on AVX-512 CPUs, whose direct convolutions run near peak, it does not.
 
 The result differs from the direct convolution by float32 rounding only (about 1e-5 of the output's
 largest value: the transforms have coefficients up to 8 and 1/24). The transformed filter takes 4x the
 memory of the filter and is cached (transforming it on every call costs more than it saves below 64x64
 maps), so a memory budget per model decides which convolutions use it, those at the largest feature maps
-first (past it, convolutions run directly); it is recomputed when the weight changes in place (a LoRA merged or
-restored).
+first (past it, convolutions run directly); it is recomputed when the weight changes in place (a LoRA merged
+or restored). Large maps are done in bands of tile rows, so the tiles in flight stay small.
 
     notation: d input tile 6x6, g filter 3x3, output tile y = A^T [(G g G^T) * (B^T d B)] A, 4x4
 """
@@ -28,6 +29,10 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 TILE, WINDOW = 4, 6
+CHUNK_BYTES = 16 << 20  # tiles of one band of a large feature map (see winograd_conv3x3)
+# below this many input or output channels the transforms outweigh the products saved (a VAE's 128-channel
+# convolutions at 512x512 ran 1.1x slower by Winograd, its 256-channel ones at 256x256 0.7x)
+MIN_CHANNELS = 256
 
 
 def _kron(m):
@@ -56,24 +61,33 @@ def winograd_conv3x3(x, filter_tf, bias=None):
     # gathering the tiles with the channels innermost reads memory in order from an NHWC copy, not from C planes
     # far apart: the extra copy costs less than it saves (0.6x the time at 640 channels of 64x64)
     x = x.permute(0, 2, 3, 1).contiguous()
-    tiles = x.unfold(1, WINDOW, TILE).unfold(2, WINDOW, TILE)  # [N, th, tw, C, 6, 6], a view
-    tiles = tiles.permute(4, 5, 0, 1, 2, 3).reshape(WINDOW * WINDOW, -1)  # [36, N*th*tw*C]
-    v = (INPUT_TRANSFORM @ tiles).view(WINDOW * WINDOW, n * th * tw, c)  # [36, T, C]
-    m = torch.bmm(v, filter_tf)  # [36, T, K]
-    y = (OUTPUT_TRANSFORM @ m.view(WINDOW * WINDOW, -1)).view(TILE, TILE, n, th, tw, k)
-    y = y.permute(2, 5, 3, 0, 4, 1)  # [N, K, th, 4, tw, 4]
-    if bias is None:
-        out = y.contiguous().view(n, k, TILE * th, TILE * tw)
-    else:  # the bias rides on the copy into NCHW order
-        out = torch.add(y, bias.view(1, k, 1, 1, 1, 1), out=y.new_empty(y.shape)).view(n, k, TILE * th, TILE * tw)
+    # the tiles and their products take 2.25x the input and output each: large maps go in bands of tile rows
+    # so that these temporaries stay bounded (a VAE's 512x512 maps would otherwise need gigabytes)
+    band = max(1, CHUNK_BYTES // (WINDOW * WINDOW * n * tw * max(c, k) * x.element_size()))
+    out = x.new_empty(n, k, TILE * th, TILE * tw)
+    for first in range(0, th, band):
+        rows = min(band, th - first)
+        part = x[:, TILE * first:TILE * (first + rows) + 2]
+        tiles = part.unfold(1, WINDOW, TILE).unfold(2, WINDOW, TILE)  # [N, rows, tw, C, 6, 6], a view
+        tiles = tiles.permute(4, 5, 0, 1, 2, 3).reshape(WINDOW * WINDOW, -1)  # [36, N*rows*tw*C]
+        v = (INPUT_TRANSFORM @ tiles).view(WINDOW * WINDOW, n * rows * tw, c)  # [36, T, C]
+        m = torch.bmm(v, filter_tf)  # [36, T, K]
+        y = (OUTPUT_TRANSFORM @ m.view(WINDOW * WINDOW, -1)).view(TILE, TILE, n, rows, tw, k)
+        y = y.permute(2, 5, 3, 0, 4, 1)  # [N, K, rows, 4, tw, 4]
+        target = out[:, :, TILE * first:TILE * (first + rows)].view(n, k, rows, TILE, tw, TILE)
+        if bias is None:
+            target.copy_(y)
+        else:  # the bias rides on the copy into NCHW order
+            torch.add(y, bias.view(1, k, 1, 1, 1, 1), out=target)
     if TILE * th != h or TILE * tw != w:
         out = out[:, :, :h, :w].contiguous()
     return out
 
 
-def _qualifies(conv):
+def _qualifies(conv, min_channels):
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and min(conv.in_channels, conv.out_channels) >= min_channels)
 
 
 def _cached_filter_bytes(conv):
@@ -124,15 +138,17 @@ def _winograd_forward(conv, x):
     return winograd_conv3x3(x, conv.winograd_cache[1], conv.bias)
 
 
-def use_winograd(model, min_size=8, budget_bytes=1 << 30):
-    """Run ``model``'s 3x3 stride-1 convolutions by F(4x4, 3x3) on float32 CPU inputs of at least
+def use_winograd(model, min_size=8, budget_bytes=1 << 30, min_channels=None):
+    """Run ``model``'s 3x3 stride-1 convolutions with at least ``min_channels`` (default
+    :data:`MIN_CHANNELS`) input and output channels by F(4x4, 3x3) on float32 CPU inputs of at least
     ``min_size`` x ``min_size`` pixels (smaller ones, other devices and dtypes, and anything needing
     gradients run ``nn.Conv2d`` as before). A transformed filter is 4x its filter and is cached, so at most
     ``budget_bytes`` of them are held: the first forward runs directly and records the feature map each
     convolution sees, and from the second on the budget goes to the largest maps first (:class:`_Plan`);
     the convolutions left out run directly. With an infinite budget every one is cached from the first call. Returns the number of convolutions switched. The state dict is
     untouched; :func:`stop_winograd` undoes it."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _qualifies(m)]
+    min_channels = MIN_CHANNELS if min_channels is None else min_channels
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _qualifies(m, min_channels)]
     plan = _Plan(budget_bytes, min_size * min_size)
     plan.decided = budget_bytes == float("inf")  # no budget: nothing to plan, every filter is cached
     for conv in convs:

@@ -42,7 +42,7 @@ def test_use_winograd_switches_only_3x3_stride_1_convolutions_above_the_size():
     x = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
         reference = net(x)
-        assert use_winograd(net, min_size=16) == 2
+        assert use_winograd(net, min_channels=1, min_size=16) == 2
         assert torch.equal(net(x), reference)  # the first forward runs directly and plans the cache
         calls = []
         net[2].register_forward_hook(lambda *_: calls.append(net[2].winograd_cache is not None))
@@ -58,7 +58,7 @@ def test_use_winograd_switches_only_3x3_stride_1_convolutions_above_the_size():
 
 def test_winograd_follows_in_place_weight_changes_and_stops():
     net = small_net()
-    use_winograd(net, min_size=1)
+    use_winograd(net, min_channels=1, min_size=1)
     x = torch.randn(1, 4, 12, 12)
     with torch.no_grad():
         net(x), net(x)
@@ -72,7 +72,7 @@ def test_winograd_follows_in_place_weight_changes_and_stops():
 
 def test_winograd_steps_aside_for_gradients_and_other_dtypes():
     net = small_net()
-    use_winograd(net, min_size=1)
+    use_winograd(net, min_channels=1, min_size=1)
     x = torch.randn(1, 4, 12, 12, requires_grad=True)
     net(x).sum().backward()   # the plain convolution: gradients flow to input and weights
     assert x.grad is not None and net[0].weight.grad is not None and net[0].winograd_cache is None
@@ -83,7 +83,7 @@ def test_winograd_steps_aside_for_gradients_and_other_dtypes():
 
 def test_winograd_cache_stays_within_its_budget():
     net = small_net()   # transformed filters: 4 x (8*4*9 + 8*8*9) floats = 4608 + 9216 bytes
-    use_winograd(net, min_size=1, budget_bytes=10_000)
+    use_winograd(net, min_channels=1, min_size=1, budget_bytes=10_000)
     x = torch.randn(1, 4, 12, 12)
     with torch.no_grad():
         reference = small_net()(x)
@@ -100,7 +100,7 @@ def test_winograd_budget_goes_to_the_largest_feature_maps_first():
     x = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         reference = net(x)
-        use_winograd(net, min_size=1, budget_bytes=4 * 16 * 16 * 9 * 4)
+        use_winograd(net, min_channels=1, min_size=1, budget_bytes=4 * 16 * 16 * 9 * 4)
         net(x)
         assert not net[2].winograd_cached   # planning: nothing is cached during the first forward
         out = net(x)
@@ -114,7 +114,29 @@ def test_winograd_without_a_budget_needs_no_planning_forward():
     x = torch.randn(1, 4, 12, 12)
     with torch.no_grad():
         reference = net(x)
-        use_winograd(net, min_size=1, budget_bytes=float("inf"))
+        use_winograd(net, min_channels=1, min_size=1, budget_bytes=float("inf"))
         out = net(x)
     assert net[0].winograd_cache is not None and net[2].winograd_cache is not None
     assert relative_error(reference, out) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_in_bands_of_tile_rows_equals_one_pass(monkeypatch, bias):
+    from ldm.modules import winograd
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 23, 10, generator=gen)   # 6 tile rows, the last one partly outside the map
+    weight = torch.randn(5, 6, 3, 3, generator=gen)
+    b = torch.randn(5, generator=gen) if bias else None
+    whole = winograd_conv3x3(x, transform_filter(weight), b)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 36 * 2 * 3 * 6 * 4 * 4)   # bands of 4 tile rows: 4 + 2
+    banded = winograd.winograd_conv3x3(x, transform_filter(weight), b)
+    assert torch.equal(whole, banded)
+    assert relative_error(F.conv2d(x, weight, b, padding=1), banded) < 1e-5
+
+
+def test_winograd_leaves_narrow_convolutions_to_the_direct_kernel():
+    net = small_net()   # 4 and 8 channels: below MIN_CHANNELS
+    assert use_winograd(net, min_size=1) == 0
+    x = torch.randn(1, 4, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(net(x), small_net()(x))
