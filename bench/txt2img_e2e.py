@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
 PROMPT = "a professional photograph of an astronaut riding a horse"
 # name: (flags, memory allocator preloaded into the child or None)
-RUNS = {"default": ([], None), "default+tcmalloc": ([], "tcmalloc"), "fp32": (["--precision", "full", "--no-bf16"], None),
-        "winograd+tcmalloc": (["--winograd", "1"], "tcmalloc")}
+RUNS = {"default": ([], None), "default+tcmalloc": ([], "tcmalloc"),
+        "fp32": (["--precision", "full", "--no-bf16"], None), "winograd+tcmalloc": (["--winograd", "1"], "tcmalloc")}
 
 
 def smoke_config(path):

@@ -145,8 +145,8 @@ def use_winograd(model, min_size=8, budget_bytes=1 << 30, min_channels=None):
     gradients run ``nn.Conv2d`` as before). A transformed filter is 4x its filter and is cached, so at most
     ``budget_bytes`` of them are held: the first forward runs directly and records the feature map each
     convolution sees, and from the second on the budget goes to the largest maps first (:class:`_Plan`);
-    the convolutions left out run directly. With an infinite budget every one is cached from the first call. Returns the number of convolutions switched. The state dict is
-    untouched; :func:`stop_winograd` undoes it."""
+    the convolutions left out run directly. With an infinite budget every one is cached from the first call.
+    Returns the number of convolutions switched. The state dict is untouched; :func:`stop_winograd` undoes it."""
     min_channels = MIN_CHANNELS if min_channels is None else min_channels
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _qualifies(m, min_channels)]
     plan = _Plan(budget_bytes, min_size * min_size)
