@@ -6,8 +6,8 @@
 
 check_vectors.py calls ``install(root)`` before it imports ``ldm``; the levers (``ldm.fast_inference``,
 default ``winograd``) are then applied by each model's constructor, before its weights are loaded.
-Winograd runs here at every feature-map size and channel count (the test models are small) with every filter cached, so
-every 3x3 convolution of every check goes through it.
+Winograd runs here at every feature-map size and channel count (the test models are small) with every
+filter cached, so every 3x3 convolution of every check goes through it.
 """
 import os
 import sys

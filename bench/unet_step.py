@@ -191,9 +191,9 @@ def run_worker(args):
     model = load_weights(args.impl, params, Path(args.workdir) / WEIGHTS_FILE)
     if weights_bf16:
         model = model.to(torch.bfloat16)
+    from ldm.fast_inference import apply_lever
     for name in levers:
         if name not in ALLOCATORS:
-            from ldm.fast_inference import apply_lever
             apply_lever(model, name)
     build_s = time.perf_counter() - t0
     info = {"impl": args.impl, "mode": args.mode, "path": chosen.path,

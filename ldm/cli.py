@@ -401,6 +401,17 @@ def prepare(args, load=None):
     return model, prompts
 
 
+def sampling_unet(args, model):
+    """(the U-Net of ``model`` or None, the autocast dtype it samples under with these flags or None)."""
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if unet is None:
+        return None, None
+    from ldm.generate import denoiser_size
+    from ldm.precision import autocast_dtype
+    device = next(unet.parameters()).device
+    return unet, autocast_dtype(device, args.precision, args.bf16, parameters=denoiser_size(model))
+
+
 def hold_denoiser_weights_for_autocast(args, model):
     """Where the run samples under bfloat16 autocast on the CPU (the default for full-size models on a CPU
     with native bfloat16), hold the U-Net's convolution and linear weights in bfloat16
@@ -412,16 +423,11 @@ def hold_denoiser_weights_for_autocast(args, model):
     if getattr(args, "int8", False) or getattr(args, "lora_merger", None) is not None \
             or getattr(args, "hypernetwork_hooks", None) is not None:
         return
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if unet is None:
-        return
+    unet, autocast = sampling_unet(args, model)
     import torch
 
-    from ldm.generate import denoiser_size
-    from ldm.precision import autocast_dtype, hold_weights_in
-    device = next(unet.parameters()).device
-    if device.type != "cpu" or autocast_dtype(device, args.precision, args.bf16,
-                                              parameters=denoiser_size(model)) != torch.bfloat16:
+    from ldm.precision import hold_weights_in
+    if unet is None or next(unet.parameters()).device.type != "cpu" or autocast != torch.bfloat16:
         return
     freed = hold_weights_in(unet, torch.bfloat16)
     # autocast caches its cast copy of every weight that requires grad for the whole run (the text
@@ -436,17 +442,16 @@ def use_winograd_for(args, model):
     autoencoder's with all of its cached (0.75 GB for the SD VAE's decoder: a script decodes once or twice,
     too few calls to plan a budget on)."""
     budget_gb = getattr(args, "winograd", None)
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if not budget_gb or unet is None:
+    if not budget_gb:
+        return
+    unet, autocast = sampling_unet(args, model)
+    if unet is None:
         return
     import torch
 
-    from ldm.generate import denoiser_size
     from ldm.modules.winograd import use_winograd
-    from ldm.precision import autocast_dtype
     weight = next(unet.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or autocast_dtype(
-            weight.device, args.precision, args.bf16, parameters=denoiser_size(model)) is not None:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or autocast is not None:
         log.warning("--winograd: the U-Net does not sample in float32 on the CPU here, so it is not used")
         return
     use_winograd(unet, budget_bytes=int(budget_gb * 1e9))

@@ -25,8 +25,8 @@ import torch
 
 from ldm.errors import UserError
 
-LEVERS = ("winograd", "winograd-all", "channels_last", "compile", "compile-freezing", "attention-math", "attention-no-upcast",
-          "attention-upcast")
+LEVERS = ("winograd", "winograd-all", "channels_last", "compile", "compile-freezing", "attention-math",
+          "attention-no-upcast", "attention-upcast")
 
 
 def apply_lever(model, name):

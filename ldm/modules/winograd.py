@@ -102,7 +102,7 @@ class _Plan:
     def __init__(self, budget_bytes, min_pixels):
         self.budget_bytes, self.min_pixels = budget_bytes, min_pixels
         self.areas = {}
-        self.decided = False
+        self.decided = budget_bytes == float("inf")  # no budget: nothing to plan, every filter is cached
 
     def see(self, conv, x):
         """Record ``conv``'s input; returns False while the plan is still being made (run directly)."""
@@ -150,7 +150,6 @@ def use_winograd(model, min_size=8, budget_bytes=1 << 30, min_channels=None):
     min_channels = MIN_CHANNELS if min_channels is None else min_channels
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _qualifies(m, min_channels)]
     plan = _Plan(budget_bytes, min_size * min_size)
-    plan.decided = budget_bytes == float("inf")  # no budget: nothing to plan, every filter is cached
     for conv in convs:
         conv.winograd_plan = plan
         conv.winograd_cached = plan.decided
