@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ldm.checkpoint import file_hash
+from ldm.data.prior_preservation import PriorPreservationDataset
 from ldm.errors import UserError
 from ldm.models.personalise.adapter_training import AdapterTraining
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
@@ -229,7 +230,7 @@ class LoraTraining(AdapterTraining):
         clip_skip = getattr(encoder, "clip_skip", 1)
         v2 = isinstance(encoder, FrozenOpenCLIPEmbedder)
         v_parameterization = self.base.parameterization == "v"
-        dataset = _train_dataset(trainer)
+        dataset, regularisation = _train_datasets(trainer)
         images = len(dataset) if hasattr(dataset, "__len__") else None
         folder, repeats, tags = _dataset_facts(dataset, facts["tag_frequency"])
         batch_size = facts["batch_size"]
@@ -248,6 +249,12 @@ class LoraTraining(AdapterTraining):
             "ss_dataset_dirs": json.dumps({folder: {"n_repeats": repeats,
                                                     "img_count": images // repeats if images else images}}),
         }
+        if regularisation is not None:   # kohya's reg folders: counted apart from the training images
+            reg_images = len(regularisation.prior)
+            reg_folder, reg_repeats, _ = _dataset_facts(regularisation.prior, {})
+            metadata.update({"ss_num_reg_images": reg_images, "ss_prior_loss_weight": regularisation.prior_loss_weight,
+                             "ss_reg_dataset_dirs": json.dumps({reg_folder: {
+                                 "n_repeats": reg_repeats, "img_count": reg_images // reg_repeats}})})
         metadata["ss_sd_model_hash"], metadata["ss_new_sd_model_hash"] = self._hashes_of_base()
         if "resnet" in self.targets and self.train_unet:
             # kohya records its --network_args as typed: strings
@@ -298,9 +305,14 @@ def _text_layers_run(encoder):
     return None
 
 
-def _train_dataset(trainer):
+def _train_datasets(trainer):
+    """(training images, the :class:`PriorPreservationDataset` holding the regularisation images or None)."""
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    return (getattr(datamodule, "datasets", None) or {}).get("train")
+    dataset = (getattr(datamodule, "datasets", None) or {}).get("train")
+    dataset = getattr(dataset, "data", dataset)  # inside main.py's WrappedDataset
+    if isinstance(dataset, PriorPreservationDataset):
+        return dataset.instance, dataset
+    return dataset, None
 
 
 def _dataset_facts(dataset, seen_tags):

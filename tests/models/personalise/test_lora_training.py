@@ -13,8 +13,11 @@ from adapter_runs import adapter_config, train, train_and_resume
 from safetensors import safe_open
 from safetensors.torch import save
 from tiny_models import build_tiny_model, tiny_config, write_config
+from torch.utils.data import default_collate
 
 from ldm.checkpoint import load_model
+from ldm.data.prior_preservation import LOSS_WEIGHT_KEY, PriorPreservationDataset, merge_prior_examples
+from ldm.data.shapes_concepts import ShapesConcept
 from ldm.errors import UserError
 from ldm.models.personalise.lora_training import LoraTraining, kohya_targets
 from ldm.modules.lora import LoraMerger, lora_use
@@ -218,6 +221,55 @@ def test_a_kohya_image_folder_is_recorded_as_kohya_records_it(tmp_path, tiny, ti
     assert json.loads(meta["ss_tag_frequency"]) == {"10_outline": {"outline": 2, "a red circle": 1,
                                                                    "a blue square": 1}}
     assert "ss_network_args" not in meta  # no conv layers: kohya writes network args only when given
+
+
+def test_kohya_regularisation_folders_are_recorded_as_kohya_records_them(tmp_path, tiny, tiny_files):
+    """Training images with kohya's ``reg`` folder beside them (prior preservation): the regularisation
+    images are counted apart (ss_num_reg_images, ss_reg_dataset_dirs) with their loss weight."""
+    from PIL import Image
+
+    from ldm.data.captioned_folder import write_captioned_image
+    folders = {"10_outline": ["outline, a red circle", "outline, a blue square"],
+               "1_circle": ["a red circle", "a green circle", "a blue circle"]}
+    for name, captions in folders.items():
+        for i, caption in enumerate(captions):
+            write_captioned_image(tmp_path / name, str(i), Image.new("RGB", (16, 16), (40 * i, 0, 0)), caption)
+    images = {name: {"target": "ldm.data.captioned_folder.CaptionedImageFolder", "params": {
+        "folder": str(tmp_path / name), "size": 16, "repeats": int(name.split("_")[0]), "image_key": "jpg",
+        "caption_key": "txt"}} for name in folders}
+    config = lora_config(tiny_files, targets=["transformer"], train_text_encoder=False)
+    config["data"]["params"]["train"] = {"target": "ldm.data.prior_preservation.PriorPreservationDataset", "params": {
+        "instance": images["10_outline"], "prior": images["1_circle"], "prior_loss_weight": 0.5}}
+    path = tiny.write_config(config, tmp_path / "reg.yaml")
+    assert train(["--base", str(path), "--max_steps", "1", "--logdir", str(tmp_path / "logs")]) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    _, meta = read_file(run / "adapters" / f"{NAME}.safetensors")
+    assert meta["ss_num_train_images"] == "20" and meta["ss_num_reg_images"] == "3"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_outline": {"n_repeats": 10, "img_count": 2}}
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_circle": {"n_repeats": 1, "img_count": 3}}
+    assert float(meta["ss_prior_loss_weight"]) == 0.5
+
+
+def test_regularisation_images_are_weighted_by_the_prior_loss_weight(trained, monkeypatch):
+    module = trained["module"]
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)  # main.py's trainer has finished
+    keys = {"size": 16, "image_key": "jpg", "caption_key": "txt"}
+    instance, regularisation = ShapesConcept("outline", length=2, **keys), ShapesConcept("colour", length=2, **keys)
+
+    def step_loss(prior_loss_weight):
+        data = PriorPreservationDataset(instance, regularisation, prior_loss_weight=prior_loss_weight)
+        torch.manual_seed(0)  # the same timesteps and noise for every call
+        return module.training_step(default_collate([data[0], data[1]]), 0).item()
+    merged = merge_prior_examples(default_collate([PriorPreservationDataset(instance, regularisation)[i]
+                                                   for i in range(2)]))
+    merged.pop(LOSS_WEIGHT_KEY)
+    torch.manual_seed(0)
+    with module.attached():
+        unweighted = module.base.shared_step(merged)[0].item()
+    alone, together, half = step_loss(0.0), step_loss(1.0), step_loss(0.5)
+    assert together == unweighted  # weight 1: the base model's loss over all four items
+    assert alone != together
+    assert half == pytest.approx(alone + 0.5 * (together - alone), rel=1e-6)
 
 
 def test_every_checkpoint_save_exported_the_file(trained):
