@@ -235,7 +235,9 @@ def trained_concept(folder):
     """The ``ShapesConcept`` concept a main.py run folder trained on (from its saved project config)."""
     from omegaconf import OmegaConf
     config = OmegaConf.load(_only(Path(folder) / "configs", "*-project.yaml", "project config"))
-    return OmegaConf.select(config, "data.params.train.params.concept")
+    # with regularisation images beside them (a PriorPreservationDataset), the concept's images are its instance
+    return (OmegaConf.select(config, "data.params.train.params.concept")
+            or OmegaConf.select(config, "data.params.train.params.instance.params.concept"))
 
 
 def star_prompts():

@@ -86,6 +86,15 @@ def test_concept_is_read_from_the_run_folders_project_config(bench, tmp_path):
     assert bench.trained_concept(tmp_path) == "star"
 
 
+def test_concept_is_read_from_the_instance_beside_regularisation_images(bench, tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "2026-12-03T05-00-00-project.yaml").write_text(
+        "data:\n  params:\n    train:\n      target: ldm.data.prior_preservation.PriorPreservationDataset\n"
+        "      params:\n        instance:\n          params: {concept: star, length: 256}\n"
+        "        prior:\n          params: {size: 64}\n")
+    assert bench.trained_concept(tmp_path) == "star"
+
+
 def test_run_of_an_unknown_method_is_refused_in_one_line(bench, tmp_path, capsys):
     assert bench.main(["--run", f"dreamboth={tmp_path}", "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -58,12 +58,21 @@ def test_textual_inversion_config_teaches_a_new_word_for_the_object(monkeypatch)
 
 
 def test_lora_config_teaches_the_star_shape_on_res_blocks_too(monkeypatch):
+    from ldm.data.prior_preservation import PRIOR_KEY, PriorPreservationDataset
+    from ldm.data.shapes import parse_prompt
     from ldm.data.shapes_concepts import read_shape
     config, _, data = _built("shapes-lora.yaml", monkeypatch)
-    assert data.concept == "star" and config.model.params.name == "star"
+    assert isinstance(data, PriorPreservationDataset) and config.model.params.name == "star"
+    stars = data.instance
+    assert stars.concept == "star"
     for i in range(8):
-        _, image, caption = data.example(i)
+        _, image, caption = stars.example(i)
         assert "star" in caption.split() and read_shape(image) == "star"
+    # beside each star image an ordinary one (kohya's regularisation images), none seen twice in the run
+    assert data.prior_loss_weight == 1.0
+    assert len(data.prior) == config.lightning.trainer.max_steps * config.data.params.batch_size
+    ordinary = data[3][PRIOR_KEY]["caption"]
+    assert parse_prompt(ordinary)["shape"] in ("circle", "square", "triangle") and "star" not in ordinary
     # the star's points are drawn at the 16x16 level, which has no attention: res blocks must adapt too
     assert "resnet" in config.model.params.targets
 
