@@ -234,7 +234,11 @@ def autoencoder_ceiling(model, n=CEILING_IMAGES):
 def trained_concept(folder):
     """The ``ShapesConcept`` concept a main.py run folder trained on (from its saved project config)."""
     from omegaconf import OmegaConf
-    config = OmegaConf.load(_only(Path(folder) / "configs", "*-project.yaml", "project config"))
+    # main.py writes one per start, named by its time: a resumed run's latest is what it trained last
+    configs = sorted((Path(folder) / "configs").glob("*-project.yaml"))
+    if not configs:
+        raise UserError(f"no project config (*-project.yaml) in {Path(folder) / 'configs'}: not a main.py run folder")
+    config = OmegaConf.load(configs[-1])
     # with regularisation images beside them (a PriorPreservationDataset), the concept's images are its instance
     return (OmegaConf.select(config, "data.params.train.params.concept")
             or OmegaConf.select(config, "data.params.train.params.instance.params.concept"))

@@ -86,6 +86,14 @@ def test_concept_is_read_from_the_run_folders_project_config(bench, tmp_path):
     assert bench.trained_concept(tmp_path) == "star"
 
 
+def test_a_resumed_runs_latest_project_config_is_read(bench, tmp_path):
+    (tmp_path / "configs").mkdir()
+    for stamp, concept in (("2026-12-03T05-00-00", "outline"), ("2026-12-03T06-30-00", "star")):
+        (tmp_path / "configs" / f"{stamp}-project.yaml").write_text(
+            f"data:\n  params:\n    train:\n      params:\n        concept: {concept}\n")
+    assert bench.trained_concept(tmp_path) == "star"
+
+
 def test_concept_is_read_from_the_instance_beside_regularisation_images(bench, tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "2026-12-03T05-00-00-project.yaml").write_text(
