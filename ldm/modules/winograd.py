@@ -20,6 +20,7 @@ or restored). Large maps are done in bands of tile rows, so the tiles in flight 
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
@@ -56,14 +57,10 @@ def winograd_conv3x3(x, filter_tf, bias=None):
     n, c, h, w = x.shape
     k = filter_tf.shape[2]
     th, tw = -(-h // TILE), -(-w // TILE)
+    x = F.pad(x, (1, TILE * tw + 1 - w, 1, TILE * th + 1 - h))  # [N, C, 4th+2, 4tw+2]
     # gathering the tiles with the channels innermost reads memory in order from an NHWC copy, not from C planes
-    # far apart: the extra copy costs less than it saves (0.6x the time at 640 channels of 64x64). The copy is
-    # also the zero padding: one pass over the input, then only the border is written.
-    padded = x.new_empty(n, TILE * th + 2, TILE * tw + 2, c)  # [N, 4th+2, 4tw+2, C]
-    padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    for border in (padded[:, :1], padded[:, h + 1:], padded[:, :, :1], padded[:, :, w + 1:]):
-        border.zero_()
-    x = padded
+    # far apart: the extra copy costs less than it saves (0.6x the time at 640 channels of 64x64)
+    x = x.permute(0, 2, 3, 1).contiguous()
     # the tiles and their products take 2.25x the input and output each: large maps go in bands of tile rows
     # so that these temporaries stay bounded (a VAE's 512x512 maps would otherwise need gigabytes)
     band = max(1, CHUNK_BYTES // (WINDOW * WINDOW * n * tw * max(c, k) * x.element_size()))
