@@ -291,20 +291,42 @@ class DDPM(DiffusionTrainingMixin, InitFromCheckpoint, pl.LightningModule):
             noise = noise + self.offset_noise_strength * offset
         return noise
 
+    _item_weights = None  # (name, [B] tensor) while item_loss_weights() is active
+
+    @contextmanager
+    def item_loss_weights(self, weights, name="loss_weight"):
+        """Within it, each batch item's loss weight is also multiplied by its entry of ``weights`` [B] (None: no
+        change): DreamBooth's class examples, an adapter training's regularisation images (prior_loss_weight).
+        ``name`` is what an error calls them."""
+        previous = self._item_weights
+        self._item_weights = None if weights is None else (name, torch.as_tensor(weights))
+        try:
+            yield
+        finally:
+            self._item_weights = previous
+
     def loss_weights(self, t):
-        """Per-sample loss weights [B] at timesteps ``t``: ones, or Min-SNR-gamma's (see the class docstring)."""
+        """Per-sample loss weights [B] at timesteps ``t``: ones, or Min-SNR-gamma's (see the class docstring),
+        times the item weights of :meth:`item_loss_weights`."""
         if self.snr_gamma is None:
-            return torch.ones(t.shape, device=t.device)
-        alpha_bar = self.alphas_cumprod[t].float()
-        snr = alpha_bar / (1 - alpha_bar)
-        clipped = snr.clamp(max=self.snr_gamma)
-        if self.parameterization == "eps":
-            weights = clipped / snr
-        elif self.parameterization == "v":
-            weights = clipped / (snr + 1)
+            weights = torch.ones(t.shape, device=t.device)
         else:
-            weights = clipped
-        return weights.clamp(min=self.snr_weight_floor)
+            alpha_bar = self.alphas_cumprod[t].float()
+            snr = alpha_bar / (1 - alpha_bar)
+            clipped = snr.clamp(max=self.snr_gamma)
+            if self.parameterization == "eps":
+                weights = clipped / snr
+            elif self.parameterization == "v":
+                weights = clipped / (snr + 1)
+            else:
+                weights = clipped
+            weights = weights.clamp(min=self.snr_weight_floor)
+        if self._item_weights is None:
+            return weights
+        name, items = self._item_weights
+        if items.shape != weights.shape:
+            raise ValueError(f"{name} has shape {tuple(items.shape)} for a batch of {len(weights)}")
+        return weights * items.to(weights)
 
     def p_losses(self, x_start, t, noise=None):
         noise = default(noise, lambda: self.training_noise(x_start))

@@ -85,23 +85,6 @@ class AdapterTraining(pl.LightningModule):
         finally:
             self.base.cond_stage_trainable = previous
 
-    @contextlib.contextmanager
-    def _item_loss_weights(self, weights):
-        """Each item's diffusion loss times its weight while the base model runs the step: the regularisation
-        images of kohya's ``reg`` folders (``prior_loss_weight``), given by a
-        :class:`ldm.data.prior_preservation.PriorPreservationDataset`. The base model's ``loss_weights`` is
-        wrapped for the step's duration only."""
-        if weights is None:
-            yield
-            return
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        own = self.base.loss_weights
-        self.base.loss_weights = lambda t: own(t) * weights.to(t.device)
-        try:
-            yield
-        finally:
-            del self.base.loss_weights
-
     def training_step(self, batch, batch_idx):
         batch = merge_prior_examples(batch)   # instance then regularisation examples, one batch
         weights = batch.pop(LOSS_WEIGHT_KEY, None)
@@ -109,7 +92,8 @@ class AdapterTraining(pl.LightningModule):
             if self._dropout_rng is None:
                 self._dropout_rng = np.random.RandomState((torch.initial_seed() + 1000003 * self.global_rank) % 2 ** 32)
             drop_conditioning(batch, self.ucg_training, self._dropout_rng)
-        with self.attached(), self._prompts_encoded_in_step(), self._item_loss_weights(weights):
+        # regularisation images (kohya's reg folders) weigh in with their prior_loss_weight
+        with self.attached(), self._prompts_encoded_in_step(), self.base.item_loss_weights(weights):
             loss, _ = self.base.shared_step(batch)
         self.log("train/loss", loss, prog_bar=True, logger=True, on_step=True, on_epoch=True,
                  batch_size=len(batch[self.base.first_stage_key]))

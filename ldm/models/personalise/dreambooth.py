@@ -18,8 +18,6 @@ which bind the new token with far fewer weights able to move the rest of the mod
 """
 import logging
 
-import torch
-
 from ldm.data.prior_preservation import LOSS_WEIGHT_KEY, merge_prior_examples
 from ldm.errors import UserError
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
@@ -46,7 +44,6 @@ class DreamBooth(LatentDiffusion):
         super().__init__(*args, cond_stage_trainable=bool(train_text_encoder), **kwargs)
         self.train_text_encoder = bool(train_text_encoder)
         self.loss_weight_key = loss_weight_key
-        self._item_weights = None   # [B] while shared_step runs a weighted batch
         self.trainable = None if trainable is None else [str(fragment) for fragment in trainable]
         if self.trainable is not None:
             self._freeze_all_but(self.trainable)
@@ -77,19 +74,5 @@ class DreamBooth(LatentDiffusion):
         return super().validation_step(merge_prior_examples(batch), batch_idx)
 
     def shared_step(self, batch, **kwargs):
-        weights = batch.get(self.loss_weight_key)
-        self._item_weights = None if weights is None else torch.as_tensor(weights)
-        try:
+        with self.item_loss_weights(batch.get(self.loss_weight_key), self.loss_weight_key):
             return super().shared_step(batch, **kwargs)
-        finally:
-            self._item_weights = None
-
-    def loss_weights(self, t):
-        """The base weights (ones, or Min-SNR's) times each item's ``loss_weight``."""
-        weights = super().loss_weights(t)
-        if self._item_weights is None:
-            return weights
-        if self._item_weights.shape != weights.shape:
-            raise ValueError(f"{self.loss_weight_key} has shape {tuple(self._item_weights.shape)} for a "
-                             f"batch of {len(weights)}")
-        return weights * self._item_weights.to(weights)

@@ -319,7 +319,6 @@ def _dataset_facts(dataset, seen_tags):
     """(folder name, repeats, tag counts) for kohya's ``ss_dataset_dirs`` and ``ss_tag_frequency``. A dataset
     that lists its captions (a captioned image folder) is counted per image, as kohya counts; for any other the
     tags of the captions trained on in the first epoch's worth of steps stand in."""
-    dataset = getattr(dataset, "data", dataset)  # inside main.py's WrappedDataset
     if dataset is None:
         return "train", 1, seen_tags
     paths, captions = getattr(dataset, "paths", None), getattr(dataset, "captions", None)
